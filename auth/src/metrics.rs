@@ -1,0 +1,132 @@
+//! The auth service's metric families, registered once into the service's own registry and
+//! served on the admin listener. Labels are bounded: route templates, methods, status classes
+//! and result names, never raw paths or user ids.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric of the auth service.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `vigil_auth_http_requests_total{route,method,status_class}`
+    pub http_requests: IntCounterVec,
+    /// `vigil_auth_http_request_duration_seconds{route,method}`
+    pub http_duration: HistogramVec,
+    /// `vigil_auth_logins_total{result}`: success, invalid_credentials, disabled, invalid_input
+    pub logins: IntCounterVec,
+    /// `vigil_auth_registrations_total{result}`: created, conflict, invalid_input
+    pub registrations: IntCounterVec,
+    /// `vigil_auth_token_refreshes_total{result}`: success, invalid, reuse_detected, disabled
+    pub refreshes: IntCounterVec,
+    /// `vigil_auth_password_hash_duration_seconds`: every argon2 computation, hash or verify
+    pub password_hash_duration: Histogram,
+    /// `vigil_auth_refresh_reuse_detected_total`: rotated refresh tokens presented again
+    pub refresh_reuse_detected: IntCounter,
+    /// `vigil_auth_signing_key_reloads_total{result}`: key set reloads from disk
+    pub key_reloads: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates the families in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let http_requests = counter(
+            "vigil_auth_http_requests_total",
+            "HTTP requests answered, by route template, method and status class.",
+            &["route", "method", "status_class"],
+        );
+        let logins = counter(
+            "vigil_auth_logins_total",
+            "Login attempts by result.",
+            &["result"],
+        );
+        let registrations = counter(
+            "vigil_auth_registrations_total",
+            "Registration attempts by result.",
+            &["result"],
+        );
+        let refreshes = counter(
+            "vigil_auth_token_refreshes_total",
+            "Refresh-token uses by result.",
+            &["result"],
+        );
+        let key_reloads = counter(
+            "vigil_auth_signing_key_reloads_total",
+            "Signing key set reloads by result.",
+            &["result"],
+        );
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "vigil_auth_http_request_duration_seconds",
+                "Time from request to response head, by route template and method.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["route", "method"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(http_duration.clone()))
+            .expect("metric registered once");
+        let password_hash_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "vigil_auth_password_hash_duration_seconds",
+                "Wall time of one argon2id computation (hash or verify).",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+            ]),
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(password_hash_duration.clone()))
+            .expect("metric registered once");
+        let refresh_reuse_detected = IntCounter::new(
+            "vigil_auth_refresh_reuse_detected_total",
+            "Rotated refresh tokens presented again; each revoked its whole session.",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(refresh_reuse_detected.clone()))
+            .expect("metric registered once");
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            logins,
+            registrations,
+            refreshes,
+            password_hash_duration,
+            refresh_reuse_detected,
+            key_reloads,
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a failure would be a bug in a metric definition.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

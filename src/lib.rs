@@ -1,0 +1,209 @@
+//! The `vigil` command line: one binary, a subcommand per role.
+//!
+//! - `vigil up` runs the whole stack on embedded defaults (today: the auth service on SQLite
+//!   under `--data-dir`), prints where it listens and a ready line, stops on Ctrl-C or SIGTERM.
+//! - `vigil auth [--config FILE] [run|check|create-user|rotate-keys]` runs or administers the
+//!   auth service.
+//!
+//! Logs are JSON lines on stdout (`RUST_LOG` filters them); command results and errors go to
+//! stderr, so a script can keep the two apart.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+/// Vigil: an observability-first edge proxy and the services behind it.
+#[derive(Debug, Parser)]
+#[command(name = "vigil", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole stack with embedded defaults (SQLite, generated keys) until Ctrl-C.
+    Up {
+        /// Where the database and keys live; created if missing.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// The auth API address.
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        auth_listen: std::net::SocketAddr,
+        /// The auth admin (metrics) address.
+        #[arg(long, default_value = "127.0.0.1:9902")]
+        auth_admin: std::net::SocketAddr,
+    },
+    /// The auth and content service.
+    Auth {
+        /// auth.toml; the defaults apply when omitted.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<AuthAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthAction {
+    /// Serve the API (the default).
+    Run,
+    /// Check the config file and exit.
+    Check,
+    /// Create an account. The password is read from --password-file, or from stdin (prompted on a terminal).
+    CreateUser {
+        /// The new account's email.
+        email: String,
+        /// Make the account an admin.
+        #[arg(long)]
+        admin: bool,
+        /// A file holding the password (one line).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Make a new signing key; the old one keeps verifying until the next rotation.
+    RotateKeys,
+}
+
+/// Parses the command line and runs it; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up {
+            data_dir,
+            auth_listen,
+            auth_admin,
+        } => {
+            let mut config = auth::Config::default();
+            config.listen.api = auth_listen;
+            config.listen.admin = auth_admin;
+            config.database.url = Some(format!("sqlite://{}", data_dir.join("vigil.db").display()));
+            config.tokens.keys_path = data_dir.join("keys/signing.json");
+            runtime()?.block_on(up(config))
+        }
+        Command::Auth { config, action } => {
+            let config = load_auth_config(config.as_deref())?;
+            match action.unwrap_or(AuthAction::Run) {
+                AuthAction::Run => runtime()?.block_on(serve_auth(config)),
+                AuthAction::Check => {
+                    eprintln!("config ok");
+                    Ok(())
+                }
+                AuthAction::CreateUser {
+                    email,
+                    admin,
+                    password_file,
+                } => {
+                    let password = read_password(password_file.as_deref())?;
+                    let id =
+                        runtime()?.block_on(auth::create_user(config, &email, &password, admin))?;
+                    println!("{id}");
+                    Ok(())
+                }
+                AuthAction::RotateKeys => {
+                    let (current, previous) = auth::rotate_keys(&config)?;
+                    eprintln!(
+                        "rotated: signing with {current}, still verifying {}; running services pick it up within {} s",
+                        previous.as_deref().unwrap_or("nothing else"),
+                        config.tokens.keys_reload_secs
+                    );
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+async fn up(config: auth::Config) -> anyhow::Result<()> {
+    let service = auth::Service::bind(config).await?;
+    eprintln!("auth API:      http://{}", service.api_addr());
+    eprintln!("auth metrics:  http://{}/metrics", service.admin_addr());
+    eprintln!("vigil is ready (Ctrl-C stops it)");
+    service.run(shutdown_signal()).await?;
+    eprintln!("vigil stopped");
+    Ok(())
+}
+
+async fn serve_auth(config: auth::Config) -> anyhow::Result<()> {
+    auth::Service::bind(config)
+        .await?
+        .run(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+fn load_auth_config(path: Option<&Path>) -> anyhow::Result<auth::Config> {
+    match path {
+        Some(path) => Ok(auth::Config::load(path)?),
+        None => Ok(auth::Config::default()),
+    }
+}
+
+fn read_password(file: Option<&Path>) -> anyhow::Result<String> {
+    let raw = match file {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None if std::io::stdin().is_terminal() => rpassword::prompt_password("password: ")?,
+        None => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            s
+        }
+    };
+    let password = raw
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&raw);
+    if password.is_empty() {
+        bail!("no password given (use --password-file or pipe it on stdin)");
+    }
+    Ok(password.to_owned())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .init();
+}
