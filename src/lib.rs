@@ -8,7 +8,9 @@
 //! Logs are JSON lines on stdout (`RUST_LOG` filters them); command results and errors go to
 //! stderr, so a script can keep the two apart.
 
+use std::future::Future;
 use std::io::{IsTerminal, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -32,10 +34,10 @@ enum Command {
         data_dir: PathBuf,
         /// The auth API address.
         #[arg(long, default_value = "127.0.0.1:3000")]
-        auth_listen: std::net::SocketAddr,
+        auth_listen: SocketAddr,
         /// The auth admin (metrics) address.
         #[arg(long, default_value = "127.0.0.1:9902")]
-        auth_admin: std::net::SocketAddr,
+        auth_admin: SocketAddr,
     },
     /// The auth and content service.
     Auth {
@@ -81,20 +83,27 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Runs a command line (`args[0]` is the program name) without installing a logger: the
+/// one-shot commands, in process, for tests.
+pub fn run_args<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    run(Cli::try_parse_from(args)?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up {
             data_dir,
             auth_listen,
             auth_admin,
-        } => {
-            let mut config = auth::Config::default();
-            config.listen.api = auth_listen;
-            config.listen.admin = auth_admin;
-            config.database.url = Some(format!("sqlite://{}", data_dir.join("vigil.db").display()));
-            config.tokens.keys_path = data_dir.join("keys/signing.json");
-            runtime()?.block_on(up(config))
-        }
+        } => runtime()?.block_on(up(UpOptions {
+            data_dir,
+            auth_listen,
+            auth_admin,
+        })),
         Command::Auth { config, action } => {
             let config = load_auth_config(config.as_deref())?;
             match action.unwrap_or(AuthAction::Run) {
@@ -128,12 +137,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(config: auth::Config) -> anyhow::Result<()> {
-    let service = auth::Service::bind(config).await?;
-    eprintln!("auth API:      http://{}", service.api_addr());
-    eprintln!("auth metrics:  http://{}/metrics", service.admin_addr());
+/// What `vigil up` runs: every role with embedded defaults, state under `data_dir`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Where the SQLite database and the signing keys live.
+    pub data_dir: PathBuf,
+    /// The auth API address (port 0 picks one).
+    pub auth_listen: SocketAddr,
+    /// The auth admin address (port 0 picks one).
+    pub auth_admin: SocketAddr,
+}
+
+/// The whole stack with its listeners bound: what `vigil up` runs and the e2e harness starts.
+pub struct Stack {
+    auth: auth::Service,
+}
+
+impl Stack {
+    /// Opens the state under `opts.data_dir` and binds every listener.
+    pub async fn bind(opts: &UpOptions) -> anyhow::Result<Self> {
+        let mut config = auth::Config::default();
+        config.listen.api = opts.auth_listen;
+        config.listen.admin = opts.auth_admin;
+        config.database.url = Some(format!(
+            "sqlite://{}",
+            opts.data_dir.join("vigil.db").display()
+        ));
+        config.tokens.keys_path = opts.data_dir.join("keys/signing.json");
+        let auth = auth::Service::bind(config)
+            .await
+            .with_context(|| format!("starting the auth service on {}", opts.auth_listen))?;
+        Ok(Self { auth })
+    }
+
+    /// The auth API's base URL.
+    pub fn auth_url(&self) -> String {
+        format!("http://{}", self.auth.api_addr())
+    }
+
+    /// The auth service's metrics URL.
+    pub fn auth_metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.auth.admin_addr())
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.auth.run(shutdown).await?;
+        Ok(())
+    }
+}
+
+async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    let stack = Stack::bind(&opts).await?;
+    eprintln!("auth API:      {}", stack.auth_url());
+    eprintln!("auth metrics:  {}", stack.auth_metrics_url());
+    eprintln!("data:          {}", opts.data_dir.display());
     eprintln!("vigil is ready (Ctrl-C stops it)");
-    service.run(shutdown_signal()).await?;
+    stack.run(shutdown_signal()).await?;
     eprintln!("vigil stopped");
     Ok(())
 }
@@ -206,4 +269,36 @@ fn init_logging() {
         .with_current_span(false)
         .with_env_filter(filter)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn auth_defaults_to_run_and_takes_the_config_anywhere() {
+        let cli =
+            Cli::try_parse_from(["vigil", "auth", "rotate-keys", "--config", "x.toml"]).unwrap();
+        let Command::Auth { config, action } = cli.command else {
+            panic!("auth")
+        };
+        assert_eq!(config.as_deref(), Some(Path::new("x.toml")));
+        assert!(matches!(action, Some(AuthAction::RotateKeys)));
+        let cli = Cli::try_parse_from(["vigil", "auth"]).unwrap();
+        assert!(matches!(cli.command, Command::Auth { action: None, .. }));
+    }
+
+    #[test]
+    fn passwords_never_come_from_an_argument() {
+        assert!(
+            Cli::try_parse_from(["vigil", "auth", "create-user", "a@b.c", "--password", "x"])
+                .is_err()
+        );
+    }
 }

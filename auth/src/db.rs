@@ -105,29 +105,20 @@ impl Db {
 fn sqlite_url(rest: &str) -> Result<String, DbError> {
     let path = rest.trim_start_matches("//");
     let (file, query) = path.split_once('?').unwrap_or((path, ""));
-    if file != ":memory:" && !file.is_empty() {
-        if let Some(dir) = std::path::Path::new(file)
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
-                dir: dir.display().to_string(),
-                source,
-            })?;
-        }
+    let dir = std::path::Path::new(file).parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir
+        && file != ":memory:"
+    {
+        std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+            dir: dir.display().to_string(),
+            source,
+        })?;
     }
-    let mode = if query.contains("mode=") {
-        String::new()
-    } else {
-        "mode=rwc".to_owned()
-    };
-    let query = [query, &mode]
-        .iter()
-        .filter(|s| !s.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join("&");
-    Ok(format!("sqlite://{file}?{query}"))
+    Ok(match query {
+        "" => format!("sqlite://{file}?mode=rwc"),
+        q if q.contains("mode=") => format!("sqlite://{file}?{q}"),
+        q => format!("sqlite://{file}?{q}&mode=rwc"),
+    })
 }
 
 /// Milliseconds since the Unix epoch: the unit of every timestamp column.

@@ -26,8 +26,10 @@ const MAX_EMAIL_LEN: usize = 254;
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     /// An email address; unique case-insensitively.
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
     /// 12 to 128 characters.
+    #[schema(min_length = 12, max_length = 128)]
     pub password: String,
 }
 

@@ -23,10 +23,12 @@ const MAX_BODY_CHARS: usize = 50_000;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewContent {
-    /// 1 to 200 characters.
+    /// 1 to 200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub title: String,
     /// Up to 50 000 characters.
     #[serde(default)]
+    #[schema(max_length = 50000)]
     pub body: String,
     /// `draft` (default) or `published`.
     #[serde(default)]
@@ -37,9 +39,11 @@ pub struct NewContent {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContentPatch {
-    /// New title.
+    /// New title: 1 to 200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub title: Option<String>,
-    /// New body.
+    /// New body: up to 50 000 characters.
+    #[schema(max_length = 50000)]
     pub body: Option<String>,
     /// New status.
     pub status: Option<Status>,
@@ -176,7 +180,7 @@ pub async fn create(
 }
 
 /// Read one content item.
-#[utoipa::path(get, path = "/content/{id}", tag = "content", security(("bearer" = [])), params(("id" = String, Path, description = "Content id (UUID)")), responses(
+#[utoipa::path(get, path = "/content/{id}", tag = "content", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "Content id (UUID)")), responses(
     (status = 200, body = ContentView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
 ))]
 pub async fn get(
@@ -188,7 +192,7 @@ pub async fn get(
 }
 
 /// Change a content item (owner or admin).
-#[utoipa::path(patch, path = "/content/{id}", tag = "content", security(("bearer" = [])), params(("id" = String, Path, description = "Content id (UUID)")), request_body = ContentPatch, responses(
+#[utoipa::path(patch, path = "/content/{id}", tag = "content", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "Content id (UUID)")), request_body = ContentPatch, responses(
     (status = 200, body = ContentView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
     (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
 ))]
@@ -222,7 +226,7 @@ pub async fn update(
 }
 
 /// Delete a content item (owner or admin).
-#[utoipa::path(delete, path = "/content/{id}", tag = "content", security(("bearer" = [])), params(("id" = String, Path, description = "Content id (UUID)")), responses(
+#[utoipa::path(delete, path = "/content/{id}", tag = "content", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "Content id (UUID)")), responses(
     (status = 204, description = "Deleted"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
     (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
 ))]

@@ -219,6 +219,7 @@ impl From<PathRejection> for ApiError {
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Items per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

@@ -55,7 +55,7 @@ pub async fn list(
 }
 
 /// Change a user's role or disabled state (admin).
-#[utoipa::path(patch, path = "/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = String, Path, description = "User id (UUID)")), request_body = UserPatch, responses(
+#[utoipa::path(patch, path = "/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "User id (UUID)")), request_body = UserPatch, responses(
     (status = 200, body = UserView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
     (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
 ))]
@@ -94,7 +94,7 @@ pub async fn update(
 }
 
 /// Delete a user with their sessions and content (admin).
-#[utoipa::path(delete, path = "/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = String, Path, description = "User id (UUID)")), responses(
+#[utoipa::path(delete, path = "/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "User id (UUID)")), responses(
     (status = 204, description = "Deleted"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
     (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
 ))]
