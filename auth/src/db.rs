@@ -105,7 +105,9 @@ impl Db {
 fn sqlite_url(rest: &str) -> Result<String, DbError> {
     let path = rest.trim_start_matches("//");
     let (file, query) = path.split_once('?').unwrap_or((path, ""));
-    let dir = std::path::Path::new(file).parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = std::path::Path::new(file)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = dir
         && file != ":memory:"
     {

@@ -1,16 +1,20 @@
 //! Password hashing and the password policy.
 //!
 //! argon2id with OWASP's parameters (19 MiB, 2 passes, 1 lane), PHC strings in the database,
-//! every computation on the blocking pool so it never stalls the async workers. Verifying a
+//! every computation on the blocking pool so it never stalls the async workers, and at most one
+//! per core at a time: a login flood queues instead of allocating 19 MiB per waiting request
+//! and thrashing the cores (the histogram times the computation, not the queue). Verifying a
 //! login for an unknown email runs the same computation against a dummy hash, so the answer
 //! and its timing do not tell whether the account exists.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use prometheus::Histogram;
+use tokio::sync::Semaphore;
 
 /// Shortest accepted password, in characters.
 pub const MIN_LEN: usize = 12;
@@ -34,6 +38,7 @@ pub struct Passwords {
     argon: Argon2<'static>,
     dummy_hash: String,
     duration: Histogram,
+    slots: Arc<Semaphore>,
 }
 
 impl Passwords {
@@ -46,42 +51,61 @@ impl Passwords {
             .hash_password(b"vigil dummy password for unknown accounts", &salt)
             .expect("hashing a constant succeeds")
             .to_string();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
             argon,
             dummy_hash,
             duration,
+            slots: Arc::new(Semaphore::new(cores)),
         }
+    }
+
+    /// Runs `f` on the blocking pool once a slot is free, timing `f` alone.
+    async fn run<T, F>(&self, f: F) -> Result<T, HashError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Argon2<'static>) -> T + Send + 'static,
+    {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| HashError::Argon2("hashing is shut down".into()))?;
+        let argon = self.argon.clone();
+        let duration = self.duration.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let out = f(&argon);
+            duration.observe(started.elapsed().as_secs_f64());
+            out
+        })
+        .await?)
     }
 
     /// Hashes `password` into a PHC string.
     pub async fn hash(&self, password: String) -> Result<String, HashError> {
-        let argon = self.argon.clone();
-        let timer = self.duration.start_timer();
-        let phc = tokio::task::spawn_blocking(move || {
+        self.run(move |argon| {
             let salt = SaltString::generate(&mut OsRng);
             argon
                 .hash_password(password.as_bytes(), &salt)
                 .map(|h| h.to_string())
         })
         .await?
-        .map_err(|e| HashError::Argon2(e.to_string()))?;
-        timer.observe_duration();
-        Ok(phc)
+        .map_err(|e| HashError::Argon2(e.to_string()))
     }
 
     /// Whether `password` matches `phc`. With `phc = None` (no such account) the same work is
     /// done against a dummy hash and the answer is `false`.
     pub async fn verify(&self, password: String, phc: Option<String>) -> Result<bool, HashError> {
-        let argon = self.argon.clone();
         let known = phc.is_some();
         let phc = phc.unwrap_or_else(|| self.dummy_hash.clone());
-        let started = Instant::now();
-        let matched = tokio::task::spawn_blocking(move || {
-            let parsed = PasswordHash::new(&phc).map_err(|e| HashError::Argon2(e.to_string()))?;
-            Ok::<_, HashError>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
-        })
-        .await??;
-        self.duration.observe(started.elapsed().as_secs_f64());
+        let matched = self
+            .run(move |argon| {
+                let parsed =
+                    PasswordHash::new(&phc).map_err(|e| HashError::Argon2(e.to_string()))?;
+                Ok::<_, HashError>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
+            })
+            .await??;
         Ok(known && matched)
     }
 }
@@ -144,6 +168,40 @@ mod tests {
             p.duration.get_sample_count(),
             1,
             "the dummy verify was timed like a real one"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_most_one_computation_per_core_runs_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let p = passwords();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs: Vec<_> = (0..cores * 4)
+            .map(|_| {
+                let (p, running, most) = (p.clone(), running.clone(), most.clone());
+                tokio::spawn(async move {
+                    p.run(move |_| {
+                        let now = running.fetch_add(1, SeqCst) + 1;
+                        most.fetch_max(now, SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        running.fetch_sub(1, SeqCst);
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for job in jobs {
+            job.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            most.load(SeqCst),
+            cores,
+            "the queue filled every slot and no more"
+        );
+        assert_eq!(
+            p.duration.get_sample_count(),
+            u64::try_from(cores * 4).unwrap()
         );
     }
 

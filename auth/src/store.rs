@@ -217,12 +217,15 @@ pub async fn authenticated_user(
     Ok(user)
 }
 
+/// `last_seen_at` is written at most this often per user, so reads stay reads.
+const LAST_SEEN_RESOLUTION_MS: i64 = 60_000;
+
 /// Sets `last_seen_at` unless it was set less than a minute ago.
 pub async fn touch_last_seen(db: &Db, user_id: &str, now: i64) -> sqlx::Result<()> {
     sqlx::query("UPDATE users SET last_seen_at = $2 WHERE id = $1 AND (last_seen_at IS NULL OR last_seen_at < $3)")
         .bind(user_id)
         .bind(now)
-        .bind(now - 60_000)
+        .bind(now - LAST_SEEN_RESOLUTION_MS)
         .execute(&db.pool)
         .await?;
     Ok(())
