@@ -1,5 +1,8 @@
 //! Every SQL statement of the service, typed. The same text runs on SQLite and PostgreSQL.
 //!
+//! Ids are UUIDv7, ordered by creation within the process, so listings ordered by
+//! `(created_at, id)` keep creation order even for rows made in the same millisecond.
+//!
 //! Writes that must be atomic run in a transaction whose first statement is a write, so SQLite
 //! takes its write lock up front (and waits on `busy_timeout`) instead of failing on upgrade.
 
@@ -158,7 +161,7 @@ pub async fn insert_user(
          VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (email_key) DO NOTHING RETURNING {USER_COLUMNS}"
     );
     sqlx::query_as(&sql)
-        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(uuid::Uuid::now_v7().to_string())
         .bind(email)
         .bind(email_key(email))
         .bind(password_hash)
@@ -294,7 +297,7 @@ pub async fn create_session(
     now: i64,
     expires_at: i64,
 ) -> sqlx::Result<String> {
-    let session_id = uuid::Uuid::new_v4().to_string();
+    let session_id = uuid::Uuid::now_v7().to_string();
     let mut tx = db.pool.begin().await?;
     sqlx::query("INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at) VALUES ($1, $2, $3, $3, $4)")
         .bind(&session_id)
@@ -432,7 +435,7 @@ pub async fn insert_content(
          VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {CONTENT_COLUMNS}"
     );
     sqlx::query_as(&sql)
-        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(uuid::Uuid::now_v7().to_string())
         .bind(owner_id)
         .bind(title)
         .bind(body)

@@ -161,6 +161,30 @@ impl TestApp {
         .await
     }
 
+    async fn refresh(&self, refresh_token: &str) -> Resp {
+        self.call(
+            "POST",
+            "/auth/refresh",
+            None,
+            Some(json!({ "refresh_token": refresh_token })),
+        )
+        .await
+    }
+
+    async fn logout(&self, refresh_token: &str) -> Resp {
+        self.call(
+            "POST",
+            "/auth/logout",
+            None,
+            Some(json!({ "refresh_token": refresh_token })),
+        )
+        .await
+    }
+
+    async fn me(&self, access_token: &str) -> Resp {
+        self.call("GET", "/auth/me", Some(access_token), None).await
+    }
+
     /// Registers `email` and logs in: (user id, access token, refresh token).
     async fn user(&self, email: &str) -> (String, String, String) {
         let id = self.register(email).await["id"]
@@ -277,7 +301,7 @@ async fn register_login_me(app: &TestApp) {
     let access = r.body["access_token"].as_str().unwrap();
     let claims = app.state.tokens.verify(access).unwrap();
     assert_eq!(claims.sub, user["id"].as_str().unwrap());
-    let me = app.call("GET", "/auth/me", Some(access), None).await;
+    let me = app.me(access).await;
     assert_eq!(me.status, StatusCode::OK);
     assert_eq!(me.body["id"], user["id"]);
     assert!(
@@ -443,22 +467,8 @@ async fn disabled_account_cannot_log_in_or_refresh(app: &TestApp) {
         app.metric("vigil_auth_logins_total", r#"result="disabled""#),
         1.0
     );
-    assert_error(
-        &app.call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": refresh})),
-        )
-        .await,
-        401,
-        "unauthorized",
-    );
-    assert_error(
-        &app.call("GET", "/auth/me", Some(&access), None).await,
-        401,
-        "unauthorized",
-    );
+    assert_error(&app.refresh(&refresh).await, 401, "unauthorized");
+    assert_error(&app.me(&access).await, 401, "unauthorized");
     // A wrong password on a disabled account says nothing about the account.
     let r = app
         .call(
@@ -480,55 +490,24 @@ async fn disabled_account_cannot_log_in_or_refresh(app: &TestApp) {
         .await;
     assert_eq!(r.body["disabled"], false);
     assert_eq!(app.login("dis@example.com").await.status, StatusCode::OK);
-    assert_error(
-        &app.call("GET", "/auth/me", Some(&access), None).await,
-        401,
-        "unauthorized",
-    );
+    assert_error(&app.me(&access).await, 401, "unauthorized");
 }
 
 async fn refresh_rotates_the_token(app: &TestApp) {
     let (id, _, refresh) = app.user("rot@example.com").await;
-    let r = app
-        .call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": refresh})),
-        )
-        .await;
+    let r = app.refresh(&refresh).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let new_refresh = r.body["refresh_token"].as_str().unwrap();
     assert_ne!(new_refresh, refresh);
     let access = r.body["access_token"].as_str().unwrap();
-    assert_eq!(
-        app.call("GET", "/auth/me", Some(access), None).await.body["id"],
-        id.as_str()
-    );
-    let again = app
-        .call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": new_refresh})),
-        )
-        .await;
+    assert_eq!(app.me(access).await.body["id"], id.as_str());
+    let again = app.refresh(new_refresh).await;
     assert_eq!(
         again.status,
         StatusCode::OK,
         "the new token is good for one more refresh"
     );
-    assert_error(
-        &app.call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": "made-up"})),
-        )
-        .await,
-        401,
-        "unauthorized",
-    );
+    assert_error(&app.refresh("made-up").await, 401, "unauthorized");
     assert_error(
         &app.call("POST", "/auth/refresh", None, Some(json!({})))
             .await,
@@ -547,40 +526,15 @@ async fn refresh_rotates_the_token(app: &TestApp) {
 
 async fn replayed_refresh_token_revokes_the_family(app: &TestApp) {
     let (_, _, first) = app.user("replay@example.com").await;
-    let r = app
-        .call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": first})),
-        )
-        .await;
+    let r = app.refresh(&first).await;
     let second = r.body["refresh_token"].as_str().unwrap().to_owned();
     let access = r.body["access_token"].as_str().unwrap().to_owned();
     // The attacker (or the victim) replays the rotated token: 401, and the family is revoked.
-    let replay = app
-        .call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": first})),
-        )
-        .await;
+    let replay = app.refresh(&first).await;
     assert_error(&replay, 401, "unauthorized");
-    let r = app
-        .call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": second})),
-        )
-        .await;
+    let r = app.refresh(&second).await;
     assert_error(&r, 401, "unauthorized");
-    assert_error(
-        &app.call("GET", "/auth/me", Some(&access), None).await,
-        401,
-        "unauthorized",
-    );
+    assert_error(&app.me(&access).await, 401, "unauthorized");
     assert_eq!(
         app.metric("vigil_auth_refresh_reuse_detected_total", ""),
         1.0
@@ -588,12 +542,7 @@ async fn replayed_refresh_token_revokes_the_family(app: &TestApp) {
     // Other sessions of the same user are untouched.
     let other = app.login("replay@example.com").await;
     let r = app
-        .call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": other.body["refresh_token"]})),
-        )
+        .refresh(other.body["refresh_token"].as_str().unwrap())
         .await;
     assert_eq!(r.status, StatusCode::OK);
 }
@@ -617,52 +566,19 @@ async fn concurrent_refreshes_with_one_token_let_one_through(app: &TestApp) {
     // The loser looked like a replay, so the winner's token is revoked too.
     let winner = if a.status == StatusCode::OK { &a } else { &b };
     let r = app
-        .call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": winner.body["refresh_token"]})),
-        )
+        .refresh(winner.body["refresh_token"].as_str().unwrap())
         .await;
     assert_error(&r, 401, "unauthorized");
 }
 
 async fn logout_revokes_the_session(app: &TestApp) {
     let (_, access, refresh) = app.user("bye@example.com").await;
-    let r = app
-        .call(
-            "POST",
-            "/auth/logout",
-            None,
-            Some(json!({"refresh_token": refresh})),
-        )
-        .await;
+    let r = app.logout(&refresh).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_error(
-        &app.call(
-            "POST",
-            "/auth/refresh",
-            None,
-            Some(json!({"refresh_token": refresh})),
-        )
-        .await,
-        401,
-        "unauthorized",
-    );
-    assert_error(
-        &app.call("GET", "/auth/me", Some(&access), None).await,
-        401,
-        "unauthorized",
-    );
+    assert_error(&app.refresh(&refresh).await, 401, "unauthorized");
+    assert_error(&app.me(&access).await, 401, "unauthorized");
     // Unknown tokens get the same answer: logout is no oracle.
-    let r = app
-        .call(
-            "POST",
-            "/auth/logout",
-            None,
-            Some(json!({"refresh_token": "never-issued"})),
-        )
-        .await;
+    let r = app.logout("never-issued").await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 }
 
@@ -671,11 +587,7 @@ async fn access_token_errors(app: &TestApp) {
     let r = app.call("GET", "/auth/me", None, None).await;
     assert_error(&r, 401, "unauthorized");
     assert_eq!(r.headers.get("www-authenticate").unwrap(), "Bearer");
-    assert_error(
-        &app.call("GET", "/auth/me", Some("garbage"), None).await,
-        401,
-        "unauthorized",
-    );
+    assert_error(&app.me("garbage").await, 401, "unauthorized");
     let basic = app
         .send(
             Request::get("/auth/me")
@@ -692,7 +604,7 @@ async fn access_token_errors(app: &TestApp) {
         .tokens
         .issue(&id, "user", &claims.sid, claims.iat - 3600)
         .unwrap();
-    let r = app.call("GET", "/auth/me", Some(&expired), None).await;
+    let r = app.me(&expired).await;
     assert_error(&r, 401, "unauthorized");
     assert!(
         r.body["message"].as_str().unwrap().contains("expired"),
@@ -702,11 +614,7 @@ async fn access_token_errors(app: &TestApp) {
     // Tampered: claims changed, signature kept.
     let parts: Vec<&str> = access.split('.').collect();
     let forged = format!("{}.{}.{}", parts[0], parts[2], parts[2]);
-    assert_error(
-        &app.call("GET", "/auth/me", Some(&forged), None).await,
-        401,
-        "unauthorized",
-    );
+    assert_error(&app.me(&forged).await, 401, "unauthorized");
     // A valid token for a user that no longer exists.
     let (admin_id, admin) = app.admin().await;
     assert_eq!(
@@ -715,11 +623,7 @@ async fn access_token_errors(app: &TestApp) {
             .status,
         StatusCode::NO_CONTENT
     );
-    assert_error(
-        &app.call("GET", "/auth/me", Some(&access), None).await,
-        401,
-        "unauthorized",
-    );
+    assert_error(&app.me(&access).await, 401, "unauthorized");
     assert_ne!(admin_id, id);
 }
 
@@ -947,7 +851,9 @@ async fn content_input_errors(app: &TestApp) {
 
 async fn content_pagination(app: &TestApp) {
     let (_, token, _) = app.user("pages@example.com").await;
-    for i in 0..5 {
+    // Twelve items in quick succession: several share a millisecond, and still come back in
+    // creation order.
+    for i in 0..12 {
         let r = app
             .call(
                 "POST",
@@ -963,8 +869,8 @@ async fn content_pagination(app: &TestApp) {
     let mut pages = 0;
     loop {
         let url = match &cursor {
-            Some(c) => format!("/content?limit=2&cursor={c}"),
-            None => "/content?limit=2".to_owned(),
+            Some(c) => format!("/content?limit=5&cursor={c}"),
+            None => "/content?limit=5".to_owned(),
         };
         let r = app.call("GET", &url, Some(&token), None).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -983,11 +889,8 @@ async fn content_pagination(app: &TestApp) {
         assert!(pages < 10, "pagination must end");
     }
     assert_eq!(pages, 3);
-    assert_eq!(
-        seen,
-        vec!["item 4", "item 3", "item 2", "item 1", "item 0"],
-        "newest first, each once"
-    );
+    let newest_first: Vec<String> = (0..12).rev().map(|i| format!("item {i}")).collect();
+    assert_eq!(seen, newest_first, "newest first, each once");
     let get = |url: &'static str| app.call("GET", url, Some(&token), None);
     assert_error(&get("/content?limit=0").await, 400, "invalid_input");
     assert_error(&get("/content?limit=101").await, 400, "invalid_input");
@@ -999,7 +902,7 @@ async fn content_pagination(app: &TestApp) {
             .as_array()
             .unwrap()
             .len(),
-        5
+        12
     );
 }
 
@@ -1338,12 +1241,7 @@ async fn key_rotation_keeps_old_tokens_valid(app: &TestApp) {
         .map(|k| k["kid"].as_str().unwrap())
         .collect();
     assert_eq!(kids, vec![new_kid.as_str(), old_kid.as_str()]);
-    assert_eq!(
-        app.call("GET", "/auth/me", Some(&before), None)
-            .await
-            .status,
-        StatusCode::OK
-    );
+    assert_eq!(app.me(&before).await.status, StatusCode::OK);
     let after = app.login("keys@example.com").await;
     let header = jsonwebtoken::decode_header(after.body["access_token"].as_str().unwrap()).unwrap();
     assert_eq!(header.kid, Some(new_kid));

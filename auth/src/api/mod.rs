@@ -126,6 +126,7 @@ async fn request_context(State(state): State<AppState>, req: Request, next: Next
         .observe(elapsed.as_secs_f64());
     tracing::info!(
         target: "access",
+        service = "auth",
         request_id = %id,
         method,
         route = %route,
