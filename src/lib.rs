@@ -2,6 +2,7 @@
 //!
 //! - `vigil up` runs the whole stack on embedded defaults (today: the auth service on SQLite
 //!   under `--data-dir`), prints where it listens and a ready line, stops on Ctrl-C or SIGTERM.
+//! - `vigil check proxy.toml` checks a proxy config without binding anything.
 //! - `vigil auth [--config FILE] [run|check|create-user|rotate-keys]` runs or administers the
 //!   auth service.
 //!
@@ -38,6 +39,11 @@ enum Command {
         /// The auth admin (metrics) address.
         #[arg(long, default_value = "127.0.0.1:9902")]
         auth_admin: SocketAddr,
+    },
+    /// Check a proxy config file: every error at once, each with its file and key; exit 1 on any.
+    Check {
+        /// proxy.toml
+        config: PathBuf,
     },
     /// The auth and content service.
     Auth {
@@ -104,6 +110,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             auth_listen,
             auth_admin,
         })),
+        Command::Check { config } => {
+            let built = proxy::load(&config)?;
+            eprintln!("{}: ok ({})", config.display(), built.summary());
+            Ok(())
+        }
         Command::Auth { config, action } => {
             let config = load_auth_config(config.as_deref())?;
             match action.unwrap_or(AuthAction::Run) {

@@ -1,0 +1,751 @@
+//! `proxy.toml`: the config operators write, and its loader.
+//!
+//! Every struct denies unknown fields and every field says its unit in its name. [`load`] and
+//! [`parse`] report every error they find at once as `FILE: key.path: message`: each section,
+//! each upstream, each filter and each route is deserialised on its own, so one mistake does not
+//! hide the next, and the cross-references (a route's upstream and filters) are checked after.
+//! The checked runtime form is built from this by [`crate::Built`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// The whole `proxy.toml`.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// `[listen]`
+    pub listen: Listen,
+    /// `[tls]`
+    pub tls: Tls,
+    /// `[limits]`
+    pub limits: Limits,
+    /// `[upstreams.NAME]`, by name.
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// `[filters.NAME]`, by name.
+    pub filters: BTreeMap<String, FilterConfig>,
+    /// `[[routes]]`, in file order.
+    pub routes: Vec<Route>,
+}
+
+/// `[listen]`: where the proxy listens and whom it trusts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// The HTTPS listener (HTTP/1.1 and HTTP/2); absent: none.
+    #[serde(default = "default_https")]
+    pub https: Option<SocketAddr>,
+    /// The plain HTTP listener, which redirects to HTTPS; absent: none.
+    #[serde(default = "default_http")]
+    pub http: Option<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz`; keep it on loopback.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Peers whose `X-Forwarded-For` is believed; everyone else's is replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificates; SNI picks one by its SANs, the first is the default. Reloaded when the
+    /// files change. Empty: a self-signed certificate is generated under `generated_dir`.
+    #[serde(default)]
+    pub certs: Vec<CertPair>,
+    /// Where a generated self-signed certificate is kept between starts.
+    #[serde(default = "default_generated_dir")]
+    pub generated_dir: PathBuf,
+}
+
+/// One certificate chain and its key, PEM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    /// The chain, leaf first.
+    pub cert_path: PathBuf,
+    /// The private key.
+    pub key_path: PathBuf,
+}
+
+/// `[limits]`: what protects the edge itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Total bytes of the request line and headers; more gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Number of request headers; more gets 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Time a client has to send its whole first request header (slowloris guard).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// Idle time allowed between requests on a kept-alive connection.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_timeout_secs: u64,
+    /// Longest a request may take end to end.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// Concurrent client connections; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Request body size for routes that do not set their own; more gets 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+}
+
+/// `[upstreams.NAME]`: a pool of peers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `host:port` of each peer; round-robin between the healthy ones.
+    pub addrs: Vec<String>,
+    /// Time to establish a connection to a peer.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Time to wait for each read from a peer; exceeded: 504.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_ms: u64,
+    /// Time to wait for each write to a peer.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+    /// Active health checking.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+}
+
+/// Active health checks of an upstream's peers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp` (connect) or `http` (GET `path` answers 2xx).
+    #[serde(default)]
+    pub kind: HealthCheckKind,
+    /// Path of the `http` check.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Time between checks.
+    #[serde(default = "default_health_interval")]
+    pub interval_ms: u64,
+    /// Failed checks in a row before a peer is taken out.
+    #[serde(default = "default_unhealthy_after")]
+    pub unhealthy_after: usize,
+    /// Passed checks in a row before a peer is put back.
+    #[serde(default = "default_healthy_after")]
+    pub healthy_after: usize,
+}
+
+/// How a peer is checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// A TCP connect.
+    #[default]
+    Tcp,
+    /// An HTTP GET that answers 2xx.
+    Http,
+}
+
+/// Whether a policy acts on what it finds or only reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Reject what the policy rejects.
+    #[default]
+    Enforce,
+    /// Let it through, but log and count it as `decision = shadow`.
+    Shadow,
+}
+
+/// `[filters.NAME]`: one configured filter; `kind` picks the type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FilterConfig {
+    /// Allow and deny lists of client networks.
+    Ip(IpFilterConfig),
+}
+
+impl FilterConfig {
+    /// Whether the filter is enforced or shadowed.
+    pub fn mode(&self) -> Mode {
+        match self {
+            FilterConfig::Ip(c) => c.mode,
+        }
+    }
+}
+
+/// `kind = "ip"`: the client address (after `trusted_proxies`) against two lists. A client in
+/// `deny` is rejected; with a non-empty `allow`, a client outside it is rejected too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpFilterConfig {
+    /// Networks let through; empty means everyone not denied.
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    /// Networks rejected, whatever `allow` says.
+    #[serde(default)]
+    pub deny: Vec<IpNet>,
+    /// `enforce` or `shadow`.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// `[[routes]]`: requests matching `host` (if set) and `path_prefix` go to `upstream` through
+/// `filters`, in order. The longest matching prefix wins; a route with a host beats one without.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// A name for logs and metric labels.
+    pub name: String,
+    /// Exact host (no port, case-insensitive); absent: any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix, starting with `/`.
+    pub path_prefix: String,
+    /// The `[upstreams.NAME]` to send to.
+    pub upstream: String,
+    /// `[filters.NAME]` to run, in order.
+    #[serde(default)]
+    pub filters: Vec<String>,
+    /// Body size for this route; absent: `limits.max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Response security headers.
+    #[serde(default)]
+    pub security_headers: SecurityHeaders,
+}
+
+/// Security headers added to responses of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityHeaders {
+    /// `Strict-Transport-Security` max-age on HTTPS responses; 0 leaves it out.
+    #[serde(default = "default_hsts")]
+    pub hsts_max_age_secs: u64,
+    /// `X-Frame-Options` (`DENY` or `SAMEORIGIN`), with the matching `frame-ancestors`.
+    #[serde(default = "default_frame_options")]
+    pub frame_options: FrameOptions,
+    /// `Referrer-Policy`.
+    #[serde(default = "default_referrer_policy")]
+    pub referrer_policy: String,
+    /// `X-Content-Type-Options: nosniff`.
+    #[serde(default = "yes")]
+    pub nosniff: bool,
+}
+
+/// Who may frame a route's pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameOptions {
+    /// Nobody.
+    Deny,
+    /// Pages of the same origin.
+    Sameorigin,
+    /// Leave the headers to the upstream.
+    Off,
+}
+
+fn default_https() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([0, 0, 0, 0], 8443)))
+}
+fn default_http() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([0, 0, 0, 0], 8080)))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn default_generated_dir() -> PathBuf {
+    PathBuf::from("data/certs")
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_header_read_timeout() -> u64 {
+    10_000
+}
+fn default_keepalive() -> u64 {
+    60
+}
+fn default_request_timeout() -> u64 {
+    60_000
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_body_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_connect_timeout() -> u64 {
+    1_000
+}
+fn default_read_timeout() -> u64 {
+    30_000
+}
+fn default_write_timeout() -> u64 {
+    30_000
+}
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_health_interval() -> u64 {
+    5_000
+}
+fn default_unhealthy_after() -> usize {
+    2
+}
+fn default_healthy_after() -> usize {
+    1
+}
+fn default_hsts() -> u64 {
+    31_536_000
+}
+fn default_frame_options() -> FrameOptions {
+    FrameOptions::Deny
+}
+fn default_referrer_policy() -> String {
+    "strict-origin-when-cross-origin".into()
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            https: default_https(),
+            http: default_http(),
+            admin: default_admin(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            header_read_timeout_ms: default_header_read_timeout(),
+            keepalive_timeout_secs: default_keepalive(),
+            request_timeout_ms: default_request_timeout(),
+            max_connections: default_max_connections(),
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: HealthCheckKind::Tcp,
+            path: default_health_path(),
+            interval_ms: default_health_interval(),
+            unhealthy_after: default_unhealthy_after(),
+            healthy_after: default_healthy_after(),
+        }
+    }
+}
+impl Default for SecurityHeaders {
+    fn default() -> Self {
+        Self {
+            hsts_max_age_secs: default_hsts(),
+            frame_options: default_frame_options(),
+            referrer_policy: default_referrer_policy(),
+            nosniff: true,
+        }
+    }
+}
+
+/// Everything wrong with one config file, one `FILE: key.path: message` line per problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .errors.join("\n"))]
+pub struct ConfigError {
+    /// The lines.
+    pub errors: Vec<String>,
+}
+
+/// Reads and checks the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        errors: vec![format!("{}: cannot read: {e}", path.display())],
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and checks `text`; `origin` names the file in the errors.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let line = e.span().map_or(0, |s| {
+            text[..s.start.min(text.len())].matches('\n').count() + 1
+        });
+        ConfigError {
+            errors: vec![format!("{origin}:{line}: {}", e.message())],
+        }
+    })?;
+    let mut errors = Errors::default();
+    for key in table.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            errors.push(
+                key,
+                format!("unknown section, expected one of {}", SECTIONS.join(", ")),
+            );
+        }
+    }
+    let config = Config {
+        listen: errors.section(&table, "listen"),
+        tls: errors.section(&table, "tls"),
+        limits: errors.section(&table, "limits"),
+        upstreams: errors.named(&table, "upstreams"),
+        filters: errors.named(&table, "filters"),
+        routes: errors.list(&table, "routes"),
+    };
+    config.check(&mut errors);
+    if errors.0.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError {
+            errors: errors
+                .0
+                .into_iter()
+                .map(|e| format!("{origin}: {e}"))
+                .collect(),
+        })
+    }
+}
+
+const SECTIONS: [&str; 6] = ["listen", "tls", "limits", "upstreams", "filters", "routes"];
+
+/// `key.path: message` lines, collected.
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn push(&mut self, key: impl std::fmt::Display, msg: impl std::fmt::Display) {
+        self.0.push(format!("{key}: {msg}"));
+    }
+
+    /// Deserialises `value`, recording a failure under `key` (plus the path inside it).
+    fn value<T: DeserializeOwned>(&mut self, key: &str, value: &toml::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let path = e.path().to_string();
+                let key = if path == "." {
+                    key.to_owned()
+                } else {
+                    format!("{key}.{path}")
+                };
+                self.push(key, e.into_inner().message());
+                None
+            }
+        }
+    }
+
+    fn section<T: DeserializeOwned + Default>(&mut self, table: &toml::Table, name: &str) -> T {
+        table
+            .get(name)
+            .and_then(|v| self.value(name, v))
+            .unwrap_or_default()
+    }
+
+    fn named<T: DeserializeOwned>(
+        &mut self,
+        table: &toml::Table,
+        name: &str,
+    ) -> BTreeMap<String, T> {
+        let Some(value) = table.get(name) else {
+            return BTreeMap::new();
+        };
+        let Some(entries) = value.as_table() else {
+            self.push(name, "expected a table of named entries");
+            return BTreeMap::new();
+        };
+        entries
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), self.value(&format!("{name}.{k}"), v)?)))
+            .collect()
+    }
+
+    fn list<T: DeserializeOwned>(&mut self, table: &toml::Table, name: &str) -> Vec<T> {
+        let Some(value) = table.get(name) else {
+            return Vec::new();
+        };
+        let Some(items) = value.as_array() else {
+            self.push(name, format!("expected an array of tables ([[{name}]])"));
+            return Vec::new();
+        };
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| self.value(&format!("{name}[{i}]"), v))
+            .collect()
+    }
+}
+
+impl Config {
+    fn check(&self, errors: &mut Errors) {
+        let l = &self.limits;
+        if l.max_header_bytes < 1024 {
+            errors.push("limits.max_header_bytes", "must be at least 1024");
+        }
+        for (key, v) in [
+            ("limits.max_headers", l.max_headers as u64),
+            ("limits.header_read_timeout_ms", l.header_read_timeout_ms),
+            ("limits.keepalive_timeout_secs", l.keepalive_timeout_secs),
+            ("limits.request_timeout_ms", l.request_timeout_ms),
+            ("limits.max_connections", l.max_connections as u64),
+        ] {
+            if v == 0 {
+                errors.push(key, "must be at least 1");
+            }
+        }
+        if self.listen.https.is_none() && self.listen.http.is_none() {
+            errors.push("listen", "set https, http or both");
+        }
+        for (i, pair) in self.tls.certs.iter().enumerate() {
+            for (what, path) in [("cert_path", &pair.cert_path), ("key_path", &pair.key_path)] {
+                if !path.is_file() {
+                    errors.push(
+                        format!("tls.certs[{i}].{what}"),
+                        format!("{} is not a readable file", path.display()),
+                    );
+                }
+            }
+        }
+        for (name, u) in &self.upstreams {
+            let key = |f: &str| format!("upstreams.{name}.{f}");
+            if u.addrs.is_empty() {
+                errors.push(key("addrs"), "list at least one host:port");
+            }
+            for a in &u.addrs {
+                if !has_port(a) {
+                    errors.push(key("addrs"), format!("{a:?} is not host:port"));
+                }
+            }
+            for (f, v) in [
+                ("connect_timeout_ms", u.connect_timeout_ms),
+                ("read_timeout_ms", u.read_timeout_ms),
+                ("write_timeout_ms", u.write_timeout_ms),
+                ("health_check.interval_ms", u.health_check.interval_ms),
+            ] {
+                if v == 0 {
+                    errors.push(key(f), "must be at least 1");
+                }
+            }
+            if !u.health_check.path.starts_with('/') {
+                errors.push(key("health_check.path"), "must start with /");
+            }
+        }
+        for (name, f) in &self.filters {
+            match f {
+                FilterConfig::Ip(ip) if ip.allow.is_empty() && ip.deny.is_empty() => {
+                    errors.push(
+                        format!("filters.{name}"),
+                        "an ip filter needs allow, deny or both",
+                    );
+                }
+                FilterConfig::Ip(_) => {}
+            }
+        }
+        let mut seen_names = std::collections::HashSet::new();
+        let mut seen_matches = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = |f: &str| format!("routes[{i}].{f}");
+            if r.name.is_empty()
+                || !r
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+            {
+                errors.push(
+                    key("name"),
+                    "use letters, digits, _ and - (it is a metric label)",
+                );
+            }
+            if !seen_names.insert(r.name.as_str()) {
+                errors.push(
+                    key("name"),
+                    format!("{:?} is used by an earlier route", r.name),
+                );
+            }
+            if !r.path_prefix.starts_with('/') {
+                errors.push(key("path_prefix"), "must start with /");
+            }
+            let host = r.host.as_deref().map(str::to_ascii_lowercase);
+            if !seen_matches.insert((host, r.path_prefix.clone())) {
+                errors.push(
+                    key("path_prefix"),
+                    "an earlier route matches the same host and prefix",
+                );
+            }
+            if !self.upstreams.contains_key(&r.upstream) {
+                errors.push(key("upstream"), format!("no [upstreams.{}]", r.upstream));
+            }
+            for f in &r.filters {
+                if !self.filters.contains_key(f) {
+                    errors.push(key("filters"), format!("no [filters.{f}]"));
+                }
+            }
+            if r.max_body_bytes == Some(0) {
+                errors.push(key("max_body_bytes"), "must be at least 1");
+            }
+        }
+    }
+}
+
+fn has_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [listen]
+        https = "127.0.0.1:8443"
+        trusted_proxies = ["10.0.0.0/8"]
+
+        [upstreams.auth]
+        addrs = ["127.0.0.1:3000"]
+        health_check = { kind = "http", path = "/health" }
+
+        [filters.office]
+        kind = "ip"
+        allow = ["192.0.2.0/24"]
+        mode = "shadow"
+
+        [[routes]]
+        name = "auth"
+        path_prefix = "/auth/"
+        upstream = "auth"
+        filters = ["office"]
+    "#;
+
+    #[test]
+    fn a_good_file_parses_with_defaults_filled_in() {
+        let c = parse(GOOD, "proxy.toml").unwrap();
+        assert_eq!(c.listen.admin.port(), 9901);
+        assert_eq!(c.listen.http.map(|a| a.port()), Some(8080));
+        assert_eq!(c.upstreams["auth"].health_check.kind, HealthCheckKind::Http);
+        assert_eq!(c.upstreams["auth"].connect_timeout_ms, 1000);
+        let FilterConfig::Ip(ip) = &c.filters["office"];
+        assert_eq!(ip.mode, Mode::Shadow);
+        assert_eq!(
+            c.routes[0].security_headers.frame_options,
+            FrameOptions::Deny
+        );
+        assert_eq!(c.limits.max_body_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn every_error_comes_at_once_with_its_key_path() {
+        let text = r#"
+            [listen]
+            admin = "nowhere"
+            [limits]
+            max_headers = 0
+            [upstreams.auth]
+            addrs = ["127.0.0.1"]
+            read_timeout_ms = 0
+            [upstreams.broken]
+            addrs = ["x:1"]
+            colour = "red"
+            [filters.empty]
+            kind = "ip"
+            [filters.typo]
+            kind = "ip"
+            alow = ["10.0.0.0/8"]
+            [filters.alien]
+            kind = "teleport"
+            [[routes]]
+            name = "a b"
+            path_prefix = "api"
+            upstream = "nope"
+            filters = ["missing"]
+            [[routes]]
+            name = "ok"
+            path_prefix = "/"
+            upstream = "auth"
+            max_body_bytes = "big"
+            [mystery]
+        "#;
+        let errs = parse(text, "p.toml").unwrap_err().errors;
+        let all = errs.join("\n");
+        for expected in [
+            "p.toml: mystery: unknown section",
+            "p.toml: listen.admin: invalid socket address syntax",
+            "p.toml: limits.max_headers: must be at least 1",
+            r#"p.toml: upstreams.auth.addrs: "127.0.0.1" is not host:port"#,
+            "p.toml: upstreams.auth.read_timeout_ms: must be at least 1",
+            "p.toml: upstreams.broken.colour: unknown field `colour`",
+            "p.toml: filters.empty: an ip filter needs allow, deny or both",
+            "p.toml: filters.typo: unknown field `alow`",
+            "p.toml: filters.alien.kind: unknown variant `teleport`, expected `ip`",
+            "p.toml: routes[0].name: use letters, digits",
+            "p.toml: routes[0].path_prefix: must start with /",
+            "p.toml: routes[0].upstream: no [upstreams.nope]",
+            "p.toml: routes[0].filters: no [filters.missing]",
+            "p.toml: routes[1].max_body_bytes: invalid type",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in\n{all}");
+        }
+        assert_eq!(errs.len(), 14, "{all}");
+    }
+
+    #[test]
+    fn duplicate_routes_and_missing_files_are_caught() {
+        let text = r#"
+            [tls]
+            certs = [{ cert_path = "/no/such.crt", key_path = "/no/such.key" }]
+            [upstreams.u]
+            addrs = ["127.0.0.1:1"]
+            [[routes]]
+            name = "a"
+            host = "Example.com"
+            path_prefix = "/"
+            upstream = "u"
+            [[routes]]
+            name = "a"
+            host = "example.com"
+            path_prefix = "/"
+            upstream = "u"
+        "#;
+        let all = parse(text, "p.toml").unwrap_err().errors.join("\n");
+        assert!(
+            all.contains("tls.certs[0].cert_path: /no/such.crt is not a readable file"),
+            "{all}"
+        );
+        assert!(all.contains("tls.certs[0].key_path"), "{all}");
+        assert!(
+            all.contains(r#"routes[1].name: "a" is used by an earlier route"#),
+            "{all}"
+        );
+        assert!(
+            all.contains(
+                "routes[1].path_prefix: an earlier route matches the same host and prefix"
+            ),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_file_and_line() {
+        let err = parse("[listen]\nhttps = \n", "p.toml").unwrap_err().errors;
+        assert_eq!(err.len(), 1);
+        assert!(err[0].starts_with("p.toml:2: "), "{err:?}");
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/proxy.toml");
+        load(&path).unwrap();
+    }
+}

@@ -1,0 +1,361 @@
+//! The filter pipeline: the `Filter` trait, its `Verdict`, the per-request `RequestCtx`, and
+//! `Pipeline`, the one place a filter's verdict becomes a decision.
+//!
+//! Filters are synchronous and do no I/O; they see plain `http` types, so each is unit-tested as
+//! a table of request in, verdict out. A rejection is a value with a bounded `stage` (the filter
+//! kind or a core stage) and `reason`; the same pair goes into the 4xx body, the access log and
+//! the metric. Shadow mode is handled here once for every policy: a shadowed filter's rejection
+//! is recorded as `decision = shadow` and the request goes on.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::config::Mode;
+
+/// Why a request is not let through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The status answered.
+    pub status: StatusCode,
+    /// The filter kind or core stage that decided (`ip`, `route`, `limits`, `upstream`, …).
+    pub stage: &'static str,
+    /// The reason, from the stage's bounded set (`denied`, `no_route`, …).
+    pub reason: &'static str,
+    /// A sentence for the client.
+    pub message: Cow<'static, str>,
+    /// Extra response headers (`WWW-Authenticate`, `Retry-After`, …).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Rejection {
+    /// A rejection without extra headers.
+    pub fn new(
+        status: StatusCode,
+        stage: &'static str,
+        reason: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            stage,
+            reason,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// The JSON error body: `{"error": reason, "message", "request_id", "stage"}`.
+    pub fn body(&self, request_id: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "error": self.reason,
+            "message": self.message,
+            "request_id": request_id,
+            "stage": self.stage,
+        }))
+        .unwrap_or_default()
+    }
+}
+
+/// What a filter says about a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it through to the next filter.
+    Continue,
+    /// Stop it here (or, in shadow mode, record that this would have happened).
+    Reject(Rejection),
+}
+
+/// What was decided about a request, for the access log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Decision {
+    /// Every filter let it through.
+    #[default]
+    Allow,
+    /// A filter (or a core stage) rejected it.
+    Reject,
+    /// Let through, but a shadow-mode filter would have rejected it.
+    Shadow,
+}
+
+impl Decision {
+    /// The access-log and Loki label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Reject => "reject",
+            Decision::Shadow => "shadow",
+        }
+    }
+}
+
+/// What the proxy knows about a request while it runs; filters read and extend it.
+#[derive(Debug, Clone)]
+pub struct RequestCtx {
+    /// The request id (the trusted caller's or a new one), echoed on the response.
+    pub request_id: String,
+    /// The client address after `trusted_proxies`.
+    pub client_ip: IpAddr,
+    /// Whether the client came over TLS.
+    pub tls: bool,
+    /// The authenticated caller, set by the `jwt` filter; later filters key on it.
+    pub subject: Option<String>,
+    /// What was decided.
+    pub decision: Decision,
+    /// The stage and reason of the rejection (enforced or shadowed) that decided.
+    pub stage: Option<&'static str>,
+    /// See `stage`.
+    pub reason: Option<&'static str>,
+}
+
+impl RequestCtx {
+    /// A context for a request from `client_ip`.
+    pub fn new(request_id: String, client_ip: IpAddr, tls: bool) -> Self {
+        Self {
+            request_id,
+            client_ip,
+            tls,
+            subject: None,
+            decision: Decision::Allow,
+            stage: None,
+            reason: None,
+        }
+    }
+
+    /// Records an enforced rejection (by a filter or a core stage).
+    pub fn reject(&mut self, r: &Rejection) {
+        self.decision = Decision::Reject;
+        self.stage = Some(r.stage);
+        self.reason = Some(r.reason);
+    }
+
+    fn shadow(&mut self, r: &Rejection) {
+        if self.decision == Decision::Allow {
+            self.decision = Decision::Shadow;
+            self.stage = Some(r.stage);
+            self.reason = Some(r.reason);
+        }
+    }
+}
+
+/// Header changes a filter asks for on the response.
+#[derive(Debug, Default)]
+pub struct HeaderEdits {
+    /// Headers to set, replacing any the upstream sent.
+    pub set: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// One kind of request policy. Override only the phases the filter uses.
+pub trait Filter: Send + Sync {
+    /// The filter's kind (`ip`, `jwt`, …): the `stage` of its rejections.
+    fn kind(&self) -> &'static str;
+
+    /// Sees the request head before anything is sent upstream.
+    fn on_request(&self, _req: &Parts, _ctx: &mut RequestCtx) -> Verdict {
+        Verdict::Continue
+    }
+
+    /// Sees each chunk of the request body as it streams through.
+    fn on_request_body(&self, _chunk: &[u8], _end: bool, _ctx: &mut RequestCtx) -> Verdict {
+        Verdict::Continue
+    }
+
+    /// Adds response headers (rate-limit headers, …).
+    fn on_response(&self, _status: StatusCode, _ctx: &RequestCtx, _out: &mut HeaderEdits) {}
+}
+
+/// A filter as a route uses it: its config name, the filter, and whether it is enforced.
+#[derive(Clone)]
+pub struct Stage {
+    /// `[filters.NAME]`
+    pub name: String,
+    /// The filter.
+    pub filter: Arc<dyn Filter>,
+    /// Enforce or shadow.
+    pub mode: Mode,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("name", &self.name)
+            .field("kind", &self.filter.kind())
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// The ordered filters of one route.
+#[derive(Debug, Clone, Default)]
+pub struct Pipeline {
+    stages: Vec<Stage>,
+}
+
+impl Pipeline {
+    /// A pipeline running `stages` in order.
+    pub fn new(stages: Vec<Stage>) -> Self {
+        Self { stages }
+    }
+
+    /// The stages, in order.
+    pub fn stages(&self) -> &[Stage] {
+        &self.stages
+    }
+
+    /// Runs every filter's `on_request` in order. The first enforced rejection stops the
+    /// pipeline and is returned (and recorded in `ctx`); shadowed ones are recorded and skipped.
+    pub fn on_request(&self, req: &Parts, ctx: &mut RequestCtx) -> Option<Rejection> {
+        self.decide(ctx, |f, ctx| f.on_request(req, ctx))
+    }
+
+    /// Runs every filter's `on_request_body` on one chunk, like [`Self::on_request`].
+    pub fn on_request_body(
+        &self,
+        chunk: &[u8],
+        end: bool,
+        ctx: &mut RequestCtx,
+    ) -> Option<Rejection> {
+        self.decide(ctx, |f, ctx| f.on_request_body(chunk, end, ctx))
+    }
+
+    /// Collects every filter's response headers.
+    pub fn on_response(&self, status: StatusCode, ctx: &RequestCtx) -> HeaderEdits {
+        let mut out = HeaderEdits::default();
+        for s in &self.stages {
+            s.filter.on_response(status, ctx, &mut out);
+        }
+        out
+    }
+
+    fn decide(
+        &self,
+        ctx: &mut RequestCtx,
+        mut run: impl FnMut(&dyn Filter, &mut RequestCtx) -> Verdict,
+    ) -> Option<Rejection> {
+        for s in &self.stages {
+            if let Verdict::Reject(r) = run(s.filter.as_ref(), ctx) {
+                match s.mode {
+                    Mode::Enforce => {
+                        ctx.reject(&r);
+                        return Some(r);
+                    }
+                    Mode::Shadow => ctx.shadow(&r),
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Always(&'static str);
+    impl Filter for Always {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        fn on_request(&self, _: &Parts, _: &mut RequestCtx) -> Verdict {
+            Verdict::Reject(Rejection::new(StatusCode::FORBIDDEN, "test", self.0, "no"))
+        }
+    }
+
+    struct Counts(std::sync::atomic::AtomicUsize);
+    impl Filter for Counts {
+        fn kind(&self) -> &'static str {
+            "count"
+        }
+        fn on_request(&self, _: &Parts, _: &mut RequestCtx) -> Verdict {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Verdict::Continue
+        }
+    }
+
+    fn stage(name: &str, filter: Arc<dyn Filter>, mode: Mode) -> Stage {
+        Stage {
+            name: name.into(),
+            filter,
+            mode,
+        }
+    }
+
+    fn ctx() -> RequestCtx {
+        RequestCtx::new("rid".into(), IpAddr::from([192, 0, 2, 1]), false)
+    }
+
+    fn parts() -> Parts {
+        http::Request::get("/x").body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_first_enforced_rejection_stops_the_pipeline() {
+        let after = Arc::new(Counts(0.into()));
+        let p = Pipeline::new(vec![
+            stage("a", Arc::new(Always("first")), Mode::Enforce),
+            stage("b", after.clone(), Mode::Enforce),
+        ]);
+        let mut c = ctx();
+        let r = p.on_request(&parts(), &mut c).unwrap();
+        assert_eq!((r.stage, r.reason), ("test", "first"));
+        assert_eq!(
+            (c.decision, c.stage, c.reason),
+            (Decision::Reject, Some("test"), Some("first"))
+        );
+        assert_eq!(
+            after.0.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "later filters do not run"
+        );
+    }
+
+    #[test]
+    fn shadowed_rejections_are_recorded_and_the_request_goes_on() {
+        let after = Arc::new(Counts(0.into()));
+        let p = Pipeline::new(vec![
+            stage("a", Arc::new(Always("would_block")), Mode::Shadow),
+            stage("b", Arc::new(Always("second_shadow")), Mode::Shadow),
+            stage("c", after.clone(), Mode::Enforce),
+        ]);
+        let mut c = ctx();
+        assert_eq!(p.on_request(&parts(), &mut c), None);
+        assert_eq!(
+            (c.decision, c.reason),
+            (Decision::Shadow, Some("would_block")),
+            "the first shadow decision is kept"
+        );
+        assert_eq!(after.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_enforced_rejection_after_a_shadowed_one_wins() {
+        let p = Pipeline::new(vec![
+            stage("a", Arc::new(Always("shadowed")), Mode::Shadow),
+            stage("b", Arc::new(Always("enforced")), Mode::Enforce),
+        ]);
+        let mut c = ctx();
+        assert_eq!(
+            p.on_request(&parts(), &mut c).map(|r| r.reason),
+            Some("enforced")
+        );
+        assert_eq!((c.decision, c.reason), (Decision::Reject, Some("enforced")));
+    }
+
+    #[test]
+    fn the_body_carries_reason_stage_and_request_id() {
+        let r = Rejection::new(
+            StatusCode::FORBIDDEN,
+            "ip",
+            "denied",
+            "your network is not allowed",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.body("abc")).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": "denied", "message": "your network is not allowed", "request_id": "abc", "stage": "ip"})
+        );
+    }
+}

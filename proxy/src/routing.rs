@@ -1,0 +1,169 @@
+//! The route table: host (optional, exact, case-insensitive) and path prefix, longest prefix
+//! first, routes with a host before routes without.
+
+use std::sync::Arc;
+
+use crate::pipeline::Pipeline;
+
+/// A route, checked and ready.
+#[derive(Debug)]
+pub struct RouteEntry {
+    /// The route's name: a metric label.
+    pub name: String,
+    /// Lower-cased host, if the route is bound to one.
+    pub host: Option<String>,
+    /// The path prefix.
+    pub path_prefix: String,
+    /// The upstream's name.
+    pub upstream: String,
+    /// Body size limit.
+    pub max_body_bytes: u64,
+    /// The route's filters.
+    pub pipeline: Pipeline,
+    /// The route's response security headers.
+    pub security_headers: crate::config::SecurityHeaders,
+}
+
+impl RouteEntry {
+    /// Whether `path` falls under this route's prefix (`/auth/` also takes `/auth`).
+    fn matches_path(&self, path: &str) -> bool {
+        path.starts_with(&self.path_prefix)
+            || (self.path_prefix.len() > 1
+                && self.path_prefix.ends_with('/')
+                && path == &self.path_prefix[..self.path_prefix.len() - 1])
+    }
+}
+
+/// Routes in match order.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<RouteEntry>>,
+}
+
+impl RouteTable {
+    /// Orders `routes` for matching: longer prefixes first, and at equal length a route with a
+    /// host before one without.
+    pub fn new(mut routes: Vec<RouteEntry>) -> Self {
+        routes.sort_by(|a, b| {
+            b.path_prefix
+                .len()
+                .cmp(&a.path_prefix.len())
+                .then_with(|| b.host.is_some().cmp(&a.host.is_some()))
+        });
+        Self {
+            routes: routes.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    /// The route for a request to `host` (any case, with or without port) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<RouteEntry>> {
+        let host = host.map(normalize_host);
+        self.routes.iter().find(|r| {
+            r.host
+                .as_deref()
+                .is_none_or(|want| host.as_deref() == Some(want))
+                && r.matches_path(path)
+        })
+    }
+
+    /// Every route, in match order.
+    pub fn routes(&self) -> &[Arc<RouteEntry>] {
+        &self.routes
+    }
+}
+
+/// `Example.COM:8443` → `example.com`; `[::1]:8443` → `[::1]`; a trailing dot is dropped.
+pub fn normalize_host(host: &str) -> String {
+    let host = if host.starts_with('[') {
+        host.split_inclusive(']').next().unwrap_or(host)
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, host: Option<&str>, prefix: &str) -> RouteEntry {
+        RouteEntry {
+            name: name.into(),
+            host: host.map(str::to_owned),
+            path_prefix: prefix.into(),
+            upstream: "u".into(),
+            max_body_bytes: 1,
+            pipeline: Pipeline::default(),
+            security_headers: Default::default(),
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(vec![
+            route("root", None, "/"),
+            route("auth", None, "/auth/"),
+            route("auth-login", None, "/auth/login"),
+            route("api-host", Some("api.example.com"), "/"),
+            route("api-auth", Some("api.example.com"), "/auth/"),
+        ])
+    }
+
+    fn find(host: Option<&str>, path: &str) -> Option<String> {
+        table().find(host, path).map(|r| r.name.clone())
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        assert_eq!(find(None, "/auth/login").as_deref(), Some("auth-login"));
+        assert_eq!(find(None, "/auth/me").as_deref(), Some("auth"));
+        assert_eq!(
+            find(None, "/auth").as_deref(),
+            Some("auth"),
+            "the prefix without its slash"
+        );
+        assert_eq!(find(None, "/authx").as_deref(), Some("root"));
+        assert_eq!(find(None, "/").as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn host_routes_beat_hostless_ones_and_ignore_case_and_port() {
+        assert_eq!(
+            find(Some("API.example.com:8443"), "/x").as_deref(),
+            Some("api-host")
+        );
+        assert_eq!(
+            find(Some("api.example.com."), "/auth/me").as_deref(),
+            Some("api-auth")
+        );
+        // A longer hostless prefix still beats a shorter host route.
+        assert_eq!(
+            find(Some("api.example.com"), "/auth/login").as_deref(),
+            Some("auth-login")
+        );
+        assert_eq!(
+            find(Some("other.example.com"), "/x").as_deref(),
+            Some("root")
+        );
+    }
+
+    #[test]
+    fn no_route_is_none() {
+        let t = RouteTable::new(vec![route("auth", None, "/auth/")]);
+        assert!(t.find(None, "/content").is_none());
+        assert!(t.find(Some("x"), "/").is_none());
+    }
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(normalize_host("Example.COM:8443"), "example.com");
+        assert_eq!(normalize_host("[::1]:8443"), "[::1]");
+        assert_eq!(normalize_host("[::1]"), "[::1]");
+        assert_eq!(normalize_host("a.test."), "a.test");
+    }
+}
