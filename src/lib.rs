@@ -14,6 +14,7 @@ use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -33,12 +34,30 @@ enum Command {
         /// Where the database and keys live; created if missing.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
+        /// The proxy's HTTPS listener.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        https: SocketAddr,
+        /// The proxy's HTTP listener (redirects to HTTPS).
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        http: SocketAddr,
+        /// The proxy's admin listener (metrics, health).
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        proxy_admin: SocketAddr,
         /// The auth API address.
         #[arg(long, default_value = "127.0.0.1:3000")]
         auth_listen: SocketAddr,
         /// The auth admin (metrics) address.
         #[arg(long, default_value = "127.0.0.1:9902")]
         auth_admin: SocketAddr,
+        /// Seconds the proxy keeps serving in-flight requests after Ctrl-C or SIGTERM.
+        #[arg(long, default_value_t = 1)]
+        grace_period_secs: u64,
+    },
+    /// The edge proxy (SIGTERM drains, SIGQUIT hands over to an upgraded process).
+    Proxy {
+        /// proxy.toml
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Check a proxy config file: every error at once, each with its file and key; exit 1 on any.
     Check {
@@ -103,13 +122,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up {
             data_dir,
+            https,
+            http,
+            proxy_admin,
             auth_listen,
             auth_admin,
-        } => runtime()?.block_on(up(UpOptions {
-            data_dir,
-            auth_listen,
-            auth_admin,
-        })),
+            grace_period_secs,
+        } => {
+            let opts = UpOptions {
+                data_dir,
+                https,
+                http,
+                proxy_admin,
+                auth_listen,
+                auth_admin,
+                grace_period_secs,
+            };
+            runtime()?.block_on(up(opts))
+        }
+        Command::Proxy { config } => serve_proxy(&config),
         Command::Check { config } => {
             let built = proxy::load(&config)?;
             eprintln!("{}: ok ({})", config.display(), built.summary());
@@ -151,21 +182,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// What `vigil up` runs: every role with embedded defaults, state under `data_dir`.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
-    /// Where the SQLite database and the signing keys live.
+    /// Where the SQLite database, the signing keys and the generated certificate live.
     pub data_dir: PathBuf,
-    /// The auth API address (port 0 picks one).
+    /// The proxy's HTTPS listener.
+    pub https: SocketAddr,
+    /// The proxy's HTTP listener (redirects to HTTPS).
+    pub http: SocketAddr,
+    /// The proxy's admin listener.
+    pub proxy_admin: SocketAddr,
+    /// The auth API address (port 0 picks one: only the proxy talks to it).
     pub auth_listen: SocketAddr,
     /// The auth admin address (port 0 picks one).
     pub auth_admin: SocketAddr,
+    /// How long the proxy keeps serving in-flight requests after the stop.
+    pub grace_period_secs: u64,
 }
 
-/// The whole stack with its listeners bound: what `vigil up` runs and the e2e harness starts.
+/// The whole stack, built and bound: what `vigil up` runs and the e2e harness starts.
 pub struct Stack {
     auth: auth::Service,
+    proxy: proxy::Proxy,
+    https: SocketAddr,
+    http: SocketAddr,
+    proxy_admin: SocketAddr,
 }
 
 impl Stack {
-    /// Opens the state under `opts.data_dir` and binds every listener.
+    /// Opens the state under `opts.data_dir`, binds the auth listeners and builds the proxy in
+    /// front of them (its listeners bind when it runs).
     pub async fn bind(opts: &UpOptions) -> anyhow::Result<Self> {
         let mut config = auth::Config::default();
         config.listen.api = opts.auth_listen;
@@ -178,10 +222,47 @@ impl Stack {
         let auth = auth::Service::bind(config)
             .await
             .with_context(|| format!("starting the auth service on {}", opts.auth_listen))?;
-        Ok(Self { auth })
+        let toml = include_str!("up-proxy.toml")
+            .replace("{https}", &opts.https.to_string())
+            .replace("{http}", &opts.http.to_string())
+            .replace("{admin}", &opts.proxy_admin.to_string())
+            .replace("{auth}", &auth.api_addr().to_string())
+            .replace(
+                "{certs}",
+                &opts.data_dir.join("certs").display().to_string(),
+            );
+        let built = proxy::build(proxy::config::parse(&toml, "vigil up's proxy config")?);
+        let run = proxy::RunOptions {
+            upgrade_sock: opts.data_dir.join("upgrade.sock").display().to_string(),
+            grace_period_secs: opts.grace_period_secs,
+            ..Default::default()
+        };
+        let proxy = proxy::Proxy::new(built, &run)?;
+        Ok(Self {
+            auth,
+            proxy,
+            https: opts.https,
+            http: opts.http,
+            proxy_admin: opts.proxy_admin,
+        })
     }
 
-    /// The auth API's base URL.
+    /// The public HTTPS URL.
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}", self.https.port())
+    }
+
+    /// The HTTP URL (redirects to HTTPS).
+    pub fn http_url(&self) -> String {
+        format!("http://localhost:{}", self.http.port())
+    }
+
+    /// The proxy's metrics URL.
+    pub fn proxy_metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.proxy_admin)
+    }
+
+    /// The auth API's base URL (behind the proxy).
     pub fn auth_url(&self) -> String {
         format!("http://{}", self.auth.api_addr())
     }
@@ -191,23 +272,87 @@ impl Stack {
         format!("http://{}/metrics", self.auth.admin_addr())
     }
 
-    /// Serves until `shutdown` resolves, then drains.
+    /// Serves until `shutdown` resolves, then drains: the proxy first (requests in flight at the
+    /// edge still reach auth), then auth. `ready` runs once every listener answers.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
+        ready: impl FnOnce() + Send + 'static,
     ) -> anyhow::Result<()> {
-        self.auth.run(shutdown).await?;
+        let stop_proxy = Arc::new(tokio::sync::Notify::new());
+        let proxy = self.proxy;
+        let watch = NotifyWatch(stop_proxy.clone());
+        // Pingora runs its own runtimes, so it gets its own thread.
+        let proxy_thread = std::thread::spawn(move || proxy.run(Box::new(watch)));
+        let (stop_auth, auth_stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut auth = tokio::spawn(self.auth.run(async move {
+            let _ = auth_stopped.await;
+        }));
+        let outcome = tokio::select! {
+            listening = wait_for_listener(self.https) => {
+                listening?;
+                ready();
+                tokio::select! {
+                    () = shutdown => None,
+                    ended = &mut auth => Some(ended),
+                }
+            }
+            ended = &mut auth => Some(ended),
+        };
+        stop_proxy.notify_one();
+        tokio::task::spawn_blocking(move || proxy_thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the proxy thread panicked"))?;
+        let _ = stop_auth.send(());
+        match outcome {
+            Some(ended) => ended??,
+            None => auth.await??,
+        }
         Ok(())
     }
 }
 
+/// Tells Pingora to drain when notified.
+struct NotifyWatch(Arc<tokio::sync::Notify>);
+
+#[async_trait::async_trait]
+impl pingora::server::ShutdownSignalWatch for NotifyWatch {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        self.0.notified().await;
+        pingora::server::ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Polls until `addr` accepts connections (Pingora binds after `run` starts); bounded.
+async fn wait_for_listener(addr: SocketAddr) -> anyhow::Result<()> {
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("the proxy did not start listening on {addr}")
+}
+
 async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let stack = Stack::bind(&opts).await?;
-    eprintln!("auth API:      {}", stack.auth_url());
-    eprintln!("auth metrics:  {}", stack.auth_metrics_url());
-    eprintln!("data:          {}", opts.data_dir.display());
-    eprintln!("vigil is ready (Ctrl-C stops it)");
-    stack.run(shutdown_signal()).await?;
+    eprintln!(
+        "public (HTTPS):  {}   (self-signed unless configured: curl -k)",
+        stack.https_url()
+    );
+    eprintln!(
+        "public (HTTP):   {}   (redirects to HTTPS)",
+        stack.http_url()
+    );
+    eprintln!("proxy metrics:   {}", stack.proxy_metrics_url());
+    eprintln!("auth API:        {}   (direct, loopback)", stack.auth_url());
+    eprintln!("auth metrics:    {}", stack.auth_metrics_url());
+    eprintln!("data:            {}", opts.data_dir.display());
+    stack
+        .run(shutdown_signal(), || {
+            eprintln!("vigil is ready (Ctrl-C stops it)")
+        })
+        .await?;
     eprintln!("vigil stopped");
     Ok(())
 }
@@ -217,6 +362,16 @@ async fn serve_auth(config: auth::Config) -> anyhow::Result<()> {
         .await?
         .run(shutdown_signal())
         .await?;
+    Ok(())
+}
+
+/// `vigil proxy`: Pingora's own signal handling (SIGTERM drains, SIGINT stops, SIGQUIT hands
+/// the listeners to an upgraded process).
+fn serve_proxy(config: &Path) -> anyhow::Result<()> {
+    let built = proxy::load(config)?;
+    tracing::info!(config = %config.display(), summary = %built.summary(), "starting the proxy");
+    let proxy = proxy::Proxy::new(built, &proxy::RunOptions::default())?;
+    proxy.run(Box::new(pingora::server::UnixShutdownSignalWatch));
     Ok(())
 }
 
@@ -273,7 +428,7 @@ async fn shutdown_signal() {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn"));
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

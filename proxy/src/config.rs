@@ -38,9 +38,12 @@ pub struct Listen {
     /// The HTTPS listener (HTTP/1.1 and HTTP/2); absent: none.
     #[serde(default = "default_https")]
     pub https: Option<SocketAddr>,
-    /// The plain HTTP listener, which redirects to HTTPS; absent: none.
+    /// The plain HTTP listener; absent: none.
     #[serde(default = "default_http")]
     pub http: Option<SocketAddr>,
+    /// Whether the HTTP listener answers 308 to HTTPS (true) or proxies like the HTTPS one.
+    #[serde(default = "yes")]
+    pub http_redirect: bool,
     /// `/metrics`, `/healthz`, `/readyz`; keep it on loopback.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
@@ -322,6 +325,7 @@ impl Default for Listen {
         Self {
             https: default_https(),
             http: default_http(),
+            http_redirect: true,
             admin: default_admin(),
             trusted_proxies: Vec::new(),
         }

@@ -20,50 +20,91 @@ pub const PASSWORD: &str = "correct horse battery staple";
 
 /// A stack serving in the background.
 pub struct Running {
-    /// The auth API's base URL.
-    pub auth_url: String,
+    /// The public HTTPS base URL (`https://localhost:PORT`).
+    pub https_url: String,
+    /// The HTTP listener's base URL (redirects).
+    pub http_url: String,
+    /// The proxy's metrics URL.
+    pub proxy_metrics_url: String,
     /// The auth service's metrics URL.
     pub auth_metrics_url: String,
+    https: SocketAddr,
+    ca: reqwest::Certificate,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A free loopback port: bound, read back, released (Pingora cannot report a port-0 bind).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 impl Running {
     /// Starts the stack with its state under `data_dir` and waits until it answers.
     pub async fn start(data_dir: &Path) -> Self {
-        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let port = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
         let opts = vigil::UpOptions {
             data_dir: data_dir.to_owned(),
-            auth_listen: any_port,
-            auth_admin: any_port,
+            https: port(free_port()),
+            http: port(free_port()),
+            proxy_admin: port(free_port()),
+            auth_listen: port(0),
+            auth_admin: port(0),
+            grace_period_secs: 0,
         };
         let stack = vigil::Stack::bind(&opts).await.expect("the stack starts");
-        let (auth_url, auth_metrics_url) = (stack.auth_url(), stack.auth_metrics_url());
+        let (https_url, http_url) = (stack.https_url(), stack.http_url());
+        let (proxy_metrics_url, auth_metrics_url) =
+            (stack.proxy_metrics_url(), stack.auth_metrics_url());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(stack.run(async move {
-            let _ = stopped.await;
-        }));
+        let (ready_tx, ready_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(stack.run(
+            async move {
+                let _ = stopped.await;
+            },
+            move || {
+                let _ = ready_tx.send(());
+            },
+        ));
+        tokio::time::timeout(Duration::from_secs(20), ready_rx)
+            .await
+            .expect("the stack becomes ready in time")
+            .expect("the stack becomes ready");
+        let pem = std::fs::read(data_dir.join("certs/self-signed.crt"))
+            .expect("the generated certificate");
+        let ca = reqwest::Certificate::from_pem(&pem).expect("a PEM certificate");
         let running = Self {
-            auth_url,
+            https_url,
+            http_url,
+            proxy_metrics_url,
             auth_metrics_url,
+            https: opts.https,
+            ca,
             stop,
             task,
         };
-        running.wait_ready().await;
+        running.wait_upstream_healthy().await;
         running
     }
 
-    async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
+    /// Polls the JWKS through the proxy until the auth upstream answers (bounded).
+    async fn wait_upstream_healthy(&self) {
+        let client = self.client();
         for _ in 0..200 {
-            if let Ok(r) = client.get(format!("{}/ready", self.auth_url)).send().await
-                && r.status().is_success()
+            if client
+                .call("GET", "/.well-known/jwks.json", None)
+                .await
+                .status
+                == 200
             {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("the stack did not become ready at {}", self.auth_url);
+        panic!("the auth service did not become reachable through the proxy");
     }
 
     /// Stops the stack and waits until it has shut down.
@@ -75,11 +116,21 @@ impl Running {
             .expect("the stack shuts down cleanly");
     }
 
-    /// An HTTP client aimed at the auth API.
+    /// A reqwest client that trusts the stack's certificate and resolves `localhost` to it.
+    pub fn http(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(self.ca.clone())
+            .resolve("localhost", self.https)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("a client")
+    }
+
+    /// An API client speaking to the public HTTPS listener.
     pub fn client(&self) -> Client {
         Client {
-            base: self.auth_url.clone(),
-            http: reqwest::Client::new(),
+            base: self.https_url.clone(),
+            http: self.http(),
             token: None,
         }
     }
@@ -120,7 +171,7 @@ impl Client {
         let body = if text.is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(&text).expect("a JSON body")
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         Reply { status, body }
     }

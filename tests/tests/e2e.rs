@@ -21,6 +21,20 @@ async fn a_user_round_trip_works_and_survives_a_restart() {
     assert_eq!(created.status, 201);
     let listed = alice.call("GET", "/content", None).await;
     assert_eq!(listed.body["items"][0]["title"], "hello");
+    // Through the edge: security headers and a request id on every answer.
+    let r = stack
+        .http()
+        .get(format!("{}/auth/me", stack.https_url))
+        .bearer_auth(alice.token.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert!(
+        r.headers().contains_key("strict-transport-security")
+            && r.headers().contains_key("x-request-id")
+    );
     let refreshed = anon
         .call(
             "POST",
@@ -56,6 +70,29 @@ async fn a_user_round_trip_works_and_survives_a_restart() {
     assert!(
         metrics.contains(r#"vigil_auth_logins_total{result="success"} 1"#),
         "{metrics}"
+    );
+    // The edge counted exactly the auth calls this test made through it (register, login,
+    // refresh twice, logout).
+    let edge = reqwest::get(&stack.proxy_metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let auth_posts =
+        r#"vigil_proxy_requests_total{method="POST",route="auth",status_class="2xx"} 4"#;
+    assert!(edge.contains(auth_posts), "{edge}");
+    // Plain HTTP is redirected to the same path on HTTPS.
+    let r = stack
+        .http()
+        .get(format!("{}/content/", stack.http_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(
+        r.headers()["location"].to_str().unwrap(),
+        format!("{}/content/", stack.https_url)
     );
     stack.stop().await;
 

@@ -1,0 +1,78 @@
+//! The admin listener: `/metrics` (the proxy's registry), `/healthz` (the process answers) and
+//! `/readyz` (a config is loaded and every upstream has a healthy peer). Loopback by default;
+//! never on a public listener.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Response, StatusCode, header};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::metrics::Metrics;
+use crate::server::Pool;
+
+/// The admin app.
+pub struct Admin {
+    /// The proxy's metrics.
+    pub metrics: Metrics,
+    /// The pools, for readiness.
+    pub pools: Arc<BTreeMap<String, Pool>>,
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let (status, content_type, body) = match session.req_header().uri.path() {
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render().into_bytes(),
+            ),
+            "/healthz" => (
+                StatusCode::OK,
+                "application/json",
+                br#"{"status":"ok"}"#.to_vec(),
+            ),
+            "/readyz" => {
+                let down: Vec<&str> = self
+                    .pools
+                    .iter()
+                    .filter(|(_, p)| {
+                        p.lb.backends()
+                            .get_backend()
+                            .iter()
+                            .all(|b| !p.lb.backends().ready(b))
+                    })
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                if down.is_empty() {
+                    (
+                        StatusCode::OK,
+                        "application/json",
+                        br#"{"status":"ok"}"#.to_vec(),
+                    )
+                } else {
+                    let body = serde_json::json!({"status": "not_ready", "upstreams_without_healthy_peers": down});
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "application/json",
+                        body.to_string().into_bytes(),
+                    )
+                }
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                "application/json",
+                br#"{"error":"not_found"}"#.to_vec(),
+            ),
+        };
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,163 @@
+//! The proxy's metric families, registered once in the proxy's own registry (prometheus 0.14,
+//! the version pingora-prometheus uses) and served by the admin listener. Labels are bounded:
+//! route names from the config (`unmatched` otherwise), a fixed method set, status classes, and
+//! the bounded stage/reason pairs of rejections. Never a raw path, address or user id.
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric of the proxy.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `vigil_proxy_requests_total{route,method,status_class}`
+    pub requests: IntCounterVec,
+    /// `vigil_proxy_request_duration_seconds{route}`
+    pub request_duration: HistogramVec,
+    /// `vigil_proxy_upstream_duration_seconds{route,upstream}`
+    pub upstream_duration: HistogramVec,
+    /// `vigil_proxy_rejections_total{route,stage,reason}`
+    pub rejections: IntCounterVec,
+    /// `vigil_proxy_shadow_decisions_total{route,stage,reason}`: what shadow-mode filters would have rejected
+    pub shadow_decisions: IntCounterVec,
+    /// `vigil_proxy_connections_active`
+    pub connections_active: IntGauge,
+    /// `vigil_proxy_requests_in_flight`
+    pub requests_in_flight: IntGauge,
+    /// `vigil_proxy_tls_handshakes_total{version,result}`
+    pub tls_handshakes: IntCounterVec,
+    /// `vigil_proxy_config_reloads_total{result}`
+    pub config_reloads: IntCounterVec,
+    /// `vigil_proxy_config_last_reload_successful`
+    pub config_last_reload_successful: Gauge,
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Metrics {
+    /// Creates every family in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric registered once")
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            reg(Box::new(c.clone()));
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("valid metric definition");
+            reg(Box::new(h.clone()));
+            h
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric definition");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let config_last_reload_successful = Gauge::new(
+            "vigil_proxy_config_last_reload_successful",
+            "1 when the last config load or reload succeeded, 0 when it failed and the previous config is serving.",
+        )
+        .expect("valid metric definition");
+        reg(Box::new(config_last_reload_successful.clone()));
+        config_last_reload_successful.set(1.0);
+        Self {
+            requests: counter(
+                "vigil_proxy_requests_total",
+                "Requests answered, by route, method and status class.",
+                &["route", "method", "status_class"],
+            ),
+            request_duration: histogram(
+                "vigil_proxy_request_duration_seconds",
+                "Time from request header to the end of the response, by route.",
+                &["route"],
+            ),
+            upstream_duration: histogram(
+                "vigil_proxy_upstream_duration_seconds",
+                "Time from sending the request upstream to its response header, by route and upstream.",
+                &["route", "upstream"],
+            ),
+            rejections: counter(
+                "vigil_proxy_rejections_total",
+                "Requests the proxy answered itself with an error, by route, stage and reason.",
+                &["route", "stage", "reason"],
+            ),
+            shadow_decisions: counter(
+                "vigil_proxy_shadow_decisions_total",
+                "Requests a shadow-mode filter would have rejected (they were let through).",
+                &["route", "stage", "reason"],
+            ),
+            connections_active: gauge(
+                "vigil_proxy_connections_active",
+                "Client connections open now.",
+            ),
+            requests_in_flight: gauge(
+                "vigil_proxy_requests_in_flight",
+                "Requests being served now.",
+            ),
+            tls_handshakes: counter(
+                "vigil_proxy_tls_handshakes_total",
+                "TLS handshakes by protocol version and result.",
+                &["version", "result"],
+            ),
+            config_reloads: counter(
+                "vigil_proxy_config_reloads_total",
+                "Config reloads by result.",
+                &["result"],
+            ),
+            config_last_reload_successful,
+            registry,
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A bounded label for a request method: the standard ones by name, anything else `other`.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// `2xx`, `4xx`, …
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

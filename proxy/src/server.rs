@@ -1,0 +1,608 @@
+//! `impl ProxyHttp`: the only code that touches pingora's `Session`.
+//!
+//! Phases, in order: `request_filter` (client identity, request id, protocol and size limits,
+//! route, the route's pipeline) → `upstream_peer` (round-robin over the healthy peers) →
+//! `upstream_request_filter` (forwarded headers, identity headers stripped, request id) →
+//! `response_filter` (security headers, request id) → `logging` (one access-log line, metrics).
+//! Every answer the proxy gives itself goes through [`Edge::respond`]: the JSON error body with
+//! its stage and reason, recorded in the context for the log line and the metric.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::lb::LoadBalancer;
+use pingora::lb::selection::RoundRobin;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::Built;
+use crate::metrics::{Metrics, method_label, status_class};
+use crate::pipeline::{Decision, Rejection, RequestCtx};
+use crate::routing::{RouteEntry, normalize_host};
+
+/// An upstream pool: its load balancer and peer timeouts.
+pub struct Pool {
+    /// Round-robin over the peers its health checks keep.
+    pub lb: Arc<LoadBalancer<RoundRobin>>,
+    /// Peer connect timeout.
+    pub connect_timeout: Duration,
+    /// Per-read timeout.
+    pub read_timeout: Duration,
+    /// Per-write timeout.
+    pub write_timeout: Duration,
+}
+
+/// The proxy: the current config (swapped whole on reload), the pools and the metrics.
+pub struct Edge {
+    /// The config in force; each request takes one snapshot at its start.
+    pub built: Arc<ArcSwap<Built>>,
+    /// Upstream pools by name.
+    pub pools: Arc<std::collections::BTreeMap<String, Pool>>,
+    /// Metric families.
+    pub metrics: Metrics,
+    /// Whether this service is the TLS listener (`X-Forwarded-Proto`, HSTS).
+    pub tls: bool,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    started: Instant,
+    built: Arc<Built>,
+    req: RequestCtx,
+    route: Option<Arc<RouteEntry>>,
+    host: Option<String>,
+    upstream_started: Option<Instant>,
+    upstream_ms: Option<f64>,
+    body_bytes: u64,
+    in_flight: bool,
+}
+
+/// Headers a client may not set: the proxy speaks for the caller's identity.
+const IDENTITY_PREFIX: &str = "x-vigil-";
+
+impl Edge {
+    /// Writes the JSON error for `r`, records it in the context, and returns `Ok(true)` (the
+    /// request is answered).
+    async fn respond(&self, session: &mut Session, ctx: &mut Ctx, r: Rejection) -> Result<bool> {
+        ctx.req.reject(&r);
+        let mut resp = ResponseHeader::build(r.status, Some(4))?;
+        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        for (k, v) in &r.headers {
+            resp.insert_header(k.clone(), v.clone())?;
+        }
+        let body = Bytes::from(r.body(&ctx.req.request_id));
+        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(true)
+    }
+
+    fn trusted(&self, built: &Built, ip: IpAddr) -> bool {
+        built
+            .config
+            .listen
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&ip.to_canonical()))
+    }
+}
+
+/// The client address: the socket peer, or, when the peer is a trusted proxy, the rightmost
+/// `X-Forwarded-For` entry that is not itself a trusted proxy.
+pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: impl Fn(IpAddr) -> bool) -> IpAddr {
+    if !trusted(peer) {
+        return peer;
+    }
+    let Some(xff) = xff else { return peer };
+    let mut last = peer;
+    for hop in xff.rsplit(',') {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if trusted(ip) => last = ip,
+            Ok(ip) => return ip,
+            Err(_) => return last,
+        }
+    }
+    last
+}
+
+fn valid_request_id(v: &str) -> bool {
+    (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// The request's host: the `:authority` (h2, absolute form) or the `Host` header.
+fn request_host(req: &RequestHeader) -> Option<String> {
+    req.uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .map(|h| normalize_host(&h))
+}
+
+fn header_size(req: &RequestHeader) -> usize {
+    req.raw_path().len()
+        + req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            built: self.built.load_full(),
+            req: RequestCtx::new(String::new(), IpAddr::from([0, 0, 0, 0]), self.tls),
+            route: None,
+            host: None,
+            upstream_started: None,
+            upstream_ms: None,
+            body_bytes: 0,
+            in_flight: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.started = Instant::now();
+        ctx.built = self.built.load_full();
+        self.metrics.requests_in_flight.inc();
+        ctx.in_flight = true;
+        let built = ctx.built.clone();
+        let limits = &built.config.limits;
+        session.set_keepalive(Some(limits.keepalive_timeout_secs));
+
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let peer_trusted = self.trusted(&built, peer);
+        let req = session.req_header();
+        let xff = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        ctx.req.client_ip = client_ip(peer, xff, |ip| self.trusted(&built, ip));
+        ctx.req.request_id = req
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| peer_trusted && valid_request_id(v))
+            .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned);
+        ctx.host = request_host(req);
+
+        if !req.raw_path_is_utf8() {
+            let r = Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "protocol",
+                "invalid_path",
+                "the request path is not valid UTF-8",
+            );
+            return self.respond(session, ctx, r).await;
+        }
+        if req.headers.len() > limits.max_headers || header_size(req) > limits.max_header_bytes {
+            let r = Rejection::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "limits",
+                "header_too_large",
+                "the request header is larger than allowed",
+            );
+            return self.respond(session, ctx, r).await;
+        }
+        let Some(route) = built
+            .routes
+            .find(ctx.host.as_deref(), req.uri.path())
+            .cloned()
+        else {
+            let r = Rejection::new(
+                StatusCode::NOT_FOUND,
+                "route",
+                "no_route",
+                "no route matches this request",
+            );
+            return self.respond(session, ctx, r).await;
+        };
+        ctx.route = Some(route.clone());
+        let declared = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > route.max_body_bytes) {
+            return self.respond(session, ctx, body_too_large()).await;
+        }
+        if let Some(r) = route.pipeline.on_request(req, &mut ctx.req) {
+            return self.respond(session, ctx, r).await;
+        }
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        let chunk = body.as_deref().unwrap_or_default();
+        ctx.body_bytes += chunk.len() as u64;
+        if ctx.body_bytes > route.max_body_bytes {
+            let r = body_too_large();
+            ctx.req.reject(&r);
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "request body over the route's limit",
+            );
+        }
+        if let Some(r) = route
+            .pipeline
+            .on_request_body(chunk, end_of_stream, &mut ctx.req)
+        {
+            let status = r.status.as_u16();
+            ctx.req.reject(&r);
+            return Error::e_explain(ErrorType::HTTPStatus(status), "rejected by a body filter");
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
+        let pool = self.pools.get(&route.upstream).ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "route names an unknown upstream")
+        })?;
+        let Some(backend) = pool.lb.select(b"", 256) else {
+            ctx.req.reject(&Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream",
+                "no_healthy_upstream",
+                "no healthy upstream can serve this request",
+            ));
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy peer");
+        };
+        let mut peer = HttpPeer::new(backend, false, String::new());
+        peer.options.connection_timeout = Some(pool.connect_timeout);
+        peer.options.read_timeout = Some(pool.read_timeout);
+        peer.options.write_timeout = Some(pool.write_timeout);
+        ctx.upstream_started = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        _ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // One retry on another peer, for methods that are safe to repeat.
+        let idempotent = matches!(
+            session.req_header().method.as_str(),
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"
+        );
+        if idempotent {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let identity: Vec<_> = up
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(IDENTITY_PREFIX))
+            .cloned()
+            .collect();
+        for name in identity {
+            up.remove_header(&name);
+        }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let forwarded_for = match (
+            peer,
+            up.headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok()),
+        ) {
+            (Some(p), Some(prior)) if self.trusted(&ctx.built, p) => format!("{prior}, {p}"),
+            _ => ctx.req.client_ip.to_string(),
+        };
+        up.insert_header("x-forwarded-for", forwarded_for)?;
+        up.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
+        if let Some(host) = &ctx.host {
+            up.insert_header("x-forwarded-host", host.as_str())?;
+        }
+        up.remove_header("forwarded");
+        up.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        if let Some(subject) = &ctx.req.subject {
+            up.insert_header("x-vigil-subject", subject.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _up: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(t) = ctx.upstream_started {
+            ctx.upstream_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        resp.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        resp.insert_header(header::SERVER, "vigil")?;
+        if let Some(route) = &ctx.route {
+            let h = &route.security_headers;
+            if self.tls && h.hsts_max_age_secs > 0 {
+                resp.insert_header(
+                    header::STRICT_TRANSPORT_SECURITY,
+                    format!("max-age={}; includeSubDomains", h.hsts_max_age_secs),
+                )?;
+            }
+            if h.nosniff {
+                resp.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")?;
+            }
+            match h.frame_options {
+                crate::config::FrameOptions::Deny => {
+                    resp.insert_header(header::X_FRAME_OPTIONS, "DENY")?;
+                    resp.insert_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'")?;
+                }
+                crate::config::FrameOptions::Sameorigin => {
+                    resp.insert_header(header::X_FRAME_OPTIONS, "SAMEORIGIN")?;
+                    resp.insert_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'self'")?;
+                }
+                crate::config::FrameOptions::Off => {}
+            }
+            if let Ok(v) = HeaderValue::from_str(&h.referrer_policy) {
+                resp.insert_header(header::REFERRER_POLICY, v)?;
+            }
+            for (k, v) in route.pipeline.on_response(resp.status, &ctx.req).set {
+                resp.insert_header(k, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let rejection = match (ctx.req.decision, e.etype()) {
+            // A filter or limit already decided; say what it decided.
+            (Decision::Reject, ErrorType::HTTPStatus(code)) => Some(Rejection::new(
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_REQUEST),
+                ctx.req.stage.unwrap_or("proxy"),
+                ctx.req.reason.unwrap_or("rejected"),
+                "the request was rejected",
+            )),
+            (
+                _,
+                ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectNoRoute
+                | ErrorType::ConnectError,
+            ) => Some(Rejection::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream",
+                "connect_failed",
+                "the upstream could not be reached",
+            )),
+            (_, ErrorType::ReadTimedout | ErrorType::WriteTimedout)
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                Some(Rejection::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream",
+                    "timeout",
+                    "the upstream did not answer in time",
+                ))
+            }
+            (_, _) if e.esource() == &ErrorSource::Upstream => Some(Rejection::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream",
+                "bad_response",
+                "the upstream failed",
+            )),
+            (_, ErrorType::ReadTimedout) => Some(Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "limits",
+                "client_timeout",
+                "the request was not received in time",
+            )),
+            (_, ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) => None,
+            (_, ErrorType::HTTPStatus(code)) => Some(Rejection::new(
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_REQUEST),
+                "protocol",
+                "bad_request",
+                "the request could not be processed",
+            )),
+            _ => Some(Rejection::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "proxy",
+                "internal",
+                "internal error",
+            )),
+        };
+        let Some(r) = rejection else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        let code = r.status.as_u16();
+        if session.response_written().is_none() {
+            // The response may be half-sent already; then there is nothing to write.
+            let _ = self.respond(session, ctx, r).await;
+        } else {
+            ctx.req.reject(&r);
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _e: &Error) -> bool {
+        // Decisions are logged once, in the access log; Pingora's own error line would repeat them.
+        ctx.req.decision == Decision::Reject
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.in_flight {
+            self.metrics.requests_in_flight.dec();
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let route = ctx.route.as_ref().map_or("unmatched", |r| r.name.as_str());
+        let req = session.req_header();
+        let method = method_label(&req.method);
+        let elapsed = ctx.started.elapsed();
+        self.metrics
+            .requests
+            .with_label_values(&[route, method, status_class(status)])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        if let (Some(ms), Some(r)) = (ctx.upstream_ms, &ctx.route) {
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[route, r.upstream.as_str()])
+                .observe(ms / 1000.0);
+        }
+        let (stage, reason) = (ctx.req.stage.unwrap_or(""), ctx.req.reason.unwrap_or(""));
+        match ctx.req.decision {
+            Decision::Reject => self
+                .metrics
+                .rejections
+                .with_label_values(&[route, stage, reason])
+                .inc(),
+            Decision::Shadow => self
+                .metrics
+                .shadow_decisions
+                .with_label_values(&[route, stage, reason])
+                .inc(),
+            Decision::Allow => {}
+        }
+        let header = |name: header::HeaderName| {
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
+        tracing::info!(
+            target: "access",
+            service = "proxy",
+            request_id = %ctx.req.request_id,
+            client_ip = %ctx.req.client_ip,
+            method = req.method.as_str(),
+            host = ctx.host.as_deref().unwrap_or(""),
+            route,
+            path = req.uri.path(),
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms = ctx.upstream_ms,
+            bytes_in = session.body_bytes_read(),
+            bytes_out = session.body_bytes_sent(),
+            subject = ctx.req.subject.as_deref().unwrap_or(""),
+            decision = ctx.req.decision.as_str(),
+            stage,
+            reason,
+            tls = self.tls,
+            user_agent = header(header::USER_AGENT),
+            "request"
+        );
+    }
+}
+
+fn body_too_large() -> Rejection {
+    Rejection::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "limits",
+        "body_too_large",
+        "the request body is larger than allowed",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trusted(ip: IpAddr) -> bool {
+        ip.to_string().starts_with("10.")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn xff_is_believed_only_from_trusted_peers() {
+        assert_eq!(
+            client_ip(ip("192.0.2.7"), Some("1.2.3.4"), trusted),
+            ip("192.0.2.7"),
+            "untrusted peer: its own address"
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), Some("1.2.3.4"), trusted),
+            ip("1.2.3.4")
+        );
+        assert_eq!(client_ip(ip("10.0.0.1"), None, trusted), ip("10.0.0.1"));
+        // The rightmost untrusted hop: the client cannot prepend its way past the trusted chain.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), Some("6.6.6.6, 1.2.3.4, 10.0.0.9"), trusted),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), Some("10.0.0.8, 10.0.0.9"), trusted),
+            ip("10.0.0.8")
+        );
+        // Garbage stops the walk at the last trusted hop.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), Some("bogus, 10.0.0.9"), trusted),
+            ip("10.0.0.9")
+        );
+    }
+
+    #[test]
+    fn request_ids_from_callers_are_checked() {
+        assert!(valid_request_id("edge-1.2_x"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("a b"));
+        assert!(!valid_request_id(&"x".repeat(129)));
+    }
+}

@@ -1,0 +1,438 @@
+//! The proxy over real sockets: an axum upstream, the Pingora server on its own thread, free
+//! loopback ports read back from the OS, readiness by polling, and a clean stop.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+/// A free loopback port: bound, read back, released.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An upstream that echoes what it received, plus a slow route.
+async fn upstream() -> SocketAddr {
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                "late"
+            }),
+        )
+        .route("/health", get(|| async { "ok" }))
+        .fallback(|req: axum::extract::Request| async move {
+            let headers: serde_json::Map<String, Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), Value::from(v.to_str().unwrap_or(""))))
+                .collect();
+            axum::Json(serde_json::json!({"path": req.uri().path(), "headers": headers}))
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+struct Stop(Arc<Notify>);
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for Stop {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.notified().await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A running proxy.
+struct Edge {
+    http: String,
+    https: Option<SocketAddr>,
+    admin: String,
+    stop: Arc<Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    metrics: proxy::metrics::Metrics,
+}
+
+impl Edge {
+    /// Starts a proxy for `toml` (with `{upstream}`, `{dead}` and the listener addresses filled in).
+    async fn start(toml: &str, upstream: SocketAddr, dir: &Path, tls: bool) -> Self {
+        let (http, admin, https) = (free_port(), free_port(), free_port());
+        let listen = if tls {
+            format!(
+                "[listen]\nhttp = \"127.0.0.1:{http}\"\nhttps = \"127.0.0.1:{https}\"\nadmin = \"127.0.0.1:{admin}\"\n"
+            )
+        } else {
+            format!(
+                "[listen]\nhttp = \"127.0.0.1:{http}\"\nhttp_redirect = false\nhttps = \"127.0.0.1:{https}\"\nadmin = \"127.0.0.1:{admin}\"\n"
+            )
+        };
+        let text = format!(
+            "{listen}[tls]\ngenerated_dir = \"{}\"\n{}",
+            dir.join("certs").display(),
+            toml
+        )
+        .replace("{upstream}", &upstream.to_string())
+        .replace("{dead}", &format!("127.0.0.1:{}", free_port()));
+        let built = proxy::build(proxy::config::parse(&text, "test.toml").unwrap());
+        let opts = proxy::RunOptions {
+            threads: 1,
+            grace_period_secs: 0,
+            upgrade_sock: dir.join("upgrade.sock").display().to_string(),
+        };
+        let p = proxy::Proxy::new(built, &opts).unwrap();
+        let metrics = p.metrics.clone();
+        let stop = Arc::new(Notify::new());
+        let signal = Stop(stop.clone());
+        let thread = std::thread::spawn(move || p.run(Box::new(signal)));
+        let edge = Edge {
+            http: format!("http://127.0.0.1:{http}"),
+            https: Some(SocketAddr::from(([127, 0, 0, 1], https))),
+            admin: format!("http://127.0.0.1:{admin}"),
+            stop,
+            thread: Some(thread),
+            metrics,
+        };
+        edge.wait_ready(http).await;
+        edge
+    }
+
+    async fn wait_ready(&self, http: u16) {
+        for _ in 0..400 {
+            let admin = reqwest::get(format!("{}/healthz", self.admin))
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            let proxy = tokio::net::TcpStream::connect(("127.0.0.1", http))
+                .await
+                .is_ok();
+            if admin && proxy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the proxy did not come up");
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.stop.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+const ROUTES: &str = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+read_timeout_ms = 500
+health_check = { kind = "tcp", interval_ms = 200 }
+
+[upstreams.dead]
+addrs = ["{dead}"]
+health_check = { kind = "tcp", interval_ms = 100000 }
+
+[filters.deny_local]
+kind = "ip"
+deny = ["127.0.0.0/8"]
+
+[filters.watch_local]
+kind = "ip"
+deny = ["127.0.0.0/8"]
+mode = "shadow"
+
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+max_body_bytes = 100
+
+[[routes]]
+name = "api-v2"
+path_prefix = "/api/v2/"
+upstream = "echo"
+
+[[routes]]
+name = "slow"
+path_prefix = "/slow"
+upstream = "echo"
+
+[[routes]]
+name = "gone"
+path_prefix = "/gone/"
+upstream = "dead"
+
+[[routes]]
+name = "blocked"
+path_prefix = "/blocked/"
+upstream = "echo"
+filters = ["deny_local"]
+
+[[routes]]
+name = "watched"
+path_prefix = "/watched/"
+upstream = "echo"
+filters = ["watch_local"]
+"#;
+
+async fn json(r: reqwest::Response) -> (u16, reqwest::header::HeaderMap, Value) {
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.json::<Value>().await.unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+#[track_caller]
+fn assert_rejection(
+    got: &(u16, reqwest::header::HeaderMap, Value),
+    status: u16,
+    stage: &str,
+    reason: &str,
+) {
+    let (s, headers, body) = got;
+    assert_eq!(*s, status, "{body}");
+    assert_eq!(
+        (body["stage"].as_str(), body["error"].as_str()),
+        (Some(stage), Some(reason)),
+        "{body}"
+    );
+    assert!(body["message"].is_string());
+    let id = headers.get("x-request-id").unwrap().to_str().unwrap();
+    assert_eq!(
+        body["request_id"], id,
+        "body and header carry the same request id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_forward_and_answer_errors_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(ROUTES, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+
+    // Longest prefix wins; forwarded headers are set; spoofed identity headers are gone.
+    let r = c
+        .get(format!("{}/api/v2/things", edge.http))
+        .header("x-vigil-subject", "admin")
+        .header("X-Vigil-Role", "admin")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-request-id", "client-chosen")
+        .send()
+        .await
+        .unwrap();
+    let (status, headers, body) = json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["path"], "/api/v2/things");
+    let up = &body["headers"];
+    assert!(
+        up.get("x-vigil-subject").is_none() && up.get("x-vigil-role").is_none(),
+        "{up}"
+    );
+    assert_eq!(
+        up["x-forwarded-for"], "127.0.0.1",
+        "an untrusted peer's XFF is replaced"
+    );
+    assert_eq!(up["x-forwarded-proto"], "http");
+    let id = headers.get("x-request-id").unwrap().to_str().unwrap();
+    assert_ne!(
+        id, "client-chosen",
+        "an untrusted client cannot choose the request id"
+    );
+    assert_eq!(
+        up["x-request-id"], id,
+        "the upstream sees the id the client gets back"
+    );
+    assert_eq!(headers.get("x-content-type-options").unwrap(), "nosniff");
+    assert_eq!(headers.get("x-frame-options").unwrap(), "DENY");
+    assert_eq!(headers.get("server").unwrap(), "vigil");
+    assert!(
+        headers.get("strict-transport-security").is_none(),
+        "no HSTS over plain HTTP"
+    );
+
+    assert_rejection(
+        &json(
+            c.get(format!("{}/nowhere", edge.http))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await,
+        404,
+        "route",
+        "no_route",
+    );
+    let big = c
+        .post(format!("{}/api/upload", edge.http))
+        .body(vec![b'x'; 101])
+        .send()
+        .await
+        .unwrap();
+    assert_rejection(&json(big).await, 413, "limits", "body_too_large");
+    let mut many = c.get(format!("{}/api/x", edge.http));
+    for i in 0..120 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    assert_rejection(
+        &json(many.send().await.unwrap()).await,
+        431,
+        "limits",
+        "header_too_large",
+    );
+    let gone = c.get(format!("{}/gone/x", edge.http)).send().await.unwrap();
+    assert_rejection(&json(gone).await, 502, "upstream", "connect_failed");
+    let slow = c.get(format!("{}/slow", edge.http)).send().await.unwrap();
+    assert_rejection(&json(slow).await, 504, "upstream", "timeout");
+
+    // The ip filter, enforced and shadowed.
+    let blocked = c
+        .get(format!("{}/blocked/x", edge.http))
+        .send()
+        .await
+        .unwrap();
+    assert_rejection(&json(blocked).await, 403, "ip", "denied");
+    let watched = c
+        .get(format!("{}/watched/x", edge.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watched.status(), 200, "shadow mode never blocks");
+
+    // The metrics say exactly what happened.
+    assert_eq!(
+        edge.metric(
+            r#"vigil_proxy_requests_total{method="GET",route="api-v2",status_class="2xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        edge.metric(
+            r#"vigil_proxy_rejections_total{reason="no_route",route="unmatched",stage="route"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        edge.metric(
+            r#"vigil_proxy_rejections_total{reason="body_too_large",route="api",stage="limits"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        edge.metric(
+            r#"vigil_proxy_rejections_total{reason="connect_failed",route="gone",stage="upstream"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        edge.metric(
+            r#"vigil_proxy_rejections_total{reason="timeout",route="slow",stage="upstream"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        edge.metric(r#"vigil_proxy_rejections_total{reason="denied",route="blocked",stage="ip"}"#),
+        1.0
+    );
+    assert_eq!(
+        edge.metric(
+            r#"vigil_proxy_shadow_decisions_total{reason="denied",route="watched",stage="ip"}"#
+        ),
+        1.0
+    );
+    let scraped = reqwest::get(format!("{}/metrics", edge.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scraped.contains("vigil_proxy_requests_in_flight 0"),
+        "{scraped}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_h2_by_sni_and_http_redirects() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(ROUTES, upstream().await, dir.path(), true).await;
+    let https = edge.https.unwrap();
+    let ca = reqwest::Certificate::from_pem(
+        &std::fs::read(dir.path().join("certs/self-signed.crt")).unwrap(),
+    )
+    .unwrap();
+    let client = |version: reqwest::tls::Version| {
+        reqwest::Client::builder()
+            .add_root_certificate(ca.clone())
+            .resolve("localhost", https)
+            .min_tls_version(version)
+            .max_tls_version(version)
+            .build()
+            .unwrap()
+    };
+    let url = format!("https://localhost:{}/api/x", https.port());
+    for version in [
+        reqwest::tls::Version::TLS_1_2,
+        reqwest::tls::Version::TLS_1_3,
+    ] {
+        let r = client(version).get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.version(), reqwest::Version::HTTP_2, "h2 by ALPN");
+        assert!(
+            r.headers()
+                .get("strict-transport-security")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("max-age=")
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["headers"]["x-forwarded-proto"], "https");
+    }
+    assert_eq!(
+        edge.metric(r#"vigil_proxy_tls_handshakes_total{result="success",version="1.3"}"#),
+        1.0
+    );
+    assert_eq!(
+        edge.metric(r#"vigil_proxy_tls_handshakes_total{result="success",version="1.2"}"#),
+        1.0
+    );
+
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirects
+        .get(format!("{}/api/x?y=1", edge.http))
+        .header("host", "localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(
+        r.headers().get("location").unwrap().to_str().unwrap(),
+        format!("https://localhost:{}/api/x?y=1", https.port())
+    );
+}
