@@ -231,7 +231,10 @@ impl Stack {
                 "{certs}",
                 &opts.data_dir.join("certs").display().to_string(),
             );
-        let built = proxy::build(proxy::config::parse(&toml, "vigil up's proxy config")?);
+        let built = proxy::build(
+            proxy::config::parse(&toml, "vigil up's proxy config")?,
+            None,
+        )?;
         let run = proxy::RunOptions {
             upgrade_sock: opts.data_dir.join("upgrade.sock").display().to_string(),
             grace_period_secs: opts.grace_period_secs,
@@ -370,7 +373,11 @@ async fn serve_auth(config: auth::Config) -> anyhow::Result<()> {
 fn serve_proxy(config: &Path) -> anyhow::Result<()> {
     let built = proxy::load(config)?;
     tracing::info!(config = %config.display(), summary = %built.summary(), "starting the proxy");
-    let proxy = proxy::Proxy::new(built, &proxy::RunOptions::default())?;
+    let opts = proxy::RunOptions {
+        config_path: Some(config.to_owned()),
+        ..Default::default()
+    };
+    let proxy = proxy::Proxy::new(built, &opts)?;
     proxy.run(Box::new(pingora::server::UnixShutdownSignalWatch));
     Ok(())
 }
@@ -427,8 +434,11 @@ async fn shutdown_signal() {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,sqlx=warn,pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn",
+        )
+    });
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

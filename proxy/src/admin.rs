@@ -2,23 +2,24 @@
 //! `/readyz` (a config is loaded and every upstream has a healthy peer). Loopback by default;
 //! never on a public listener.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use async_trait::async_trait;
 use http::{Response, StatusCode, header};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::Built;
 use crate::metrics::Metrics;
-use crate::server::Pool;
 
 /// The admin app.
 pub struct Admin {
     /// The proxy's metrics.
     pub metrics: Metrics,
-    /// The pools, for readiness.
-    pub pools: Arc<BTreeMap<String, Pool>>,
+    /// The config in force, for readiness.
+    pub built: Arc<ArcSwap<Built>>,
 }
 
 #[async_trait]
@@ -36,15 +37,11 @@ impl ServeHttp for Admin {
                 br#"{"status":"ok"}"#.to_vec(),
             ),
             "/readyz" => {
-                let down: Vec<&str> = self
+                let built = self.built.load();
+                let down: Vec<&str> = built
                     .pools
                     .iter()
-                    .filter(|(_, p)| {
-                        p.lb.backends()
-                            .get_backend()
-                            .iter()
-                            .all(|b| !p.lb.backends().ready(b))
-                    })
+                    .filter(|(_, p)| !p.has_healthy_peer())
                     .map(|(name, _)| name.as_str())
                     .collect();
                 if down.is_empty() {

@@ -32,7 +32,7 @@ pub struct Config {
 }
 
 /// `[listen]`: where the proxy listens and whom it trusts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// The HTTPS listener (HTTP/1.1 and HTTP/2); absent: none.
@@ -66,7 +66,7 @@ pub struct Tls {
 }
 
 /// One certificate chain and its key, PEM.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertPair {
     /// The chain, leaf first.
@@ -103,7 +103,7 @@ pub struct Limits {
 }
 
 /// `[upstreams.NAME]`: a pool of peers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     /// `host:port` of each peer; round-robin between the healthy ones.
@@ -123,7 +123,7 @@ pub struct Upstream {
 }
 
 /// Active health checks of an upstream's peers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// `tcp` (connect) or `http` (GET `path` answers 2xx).

@@ -15,9 +15,11 @@ pub mod filters;
 pub mod metrics;
 pub mod pipeline;
 pub mod redirect;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,8 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use pingora::lb::LoadBalancer;
-use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignalWatch};
 use pingora::services::background::{BackgroundService, background_service};
@@ -38,22 +38,47 @@ use pipeline::{Pipeline, Stage};
 
 use routing::{RouteEntry, RouteTable};
 
-/// The checked runtime form of a config: what a running proxy swaps in whole on reload.
+/// The checked runtime form of a config: what a running proxy swaps in whole on reload, so
+/// routes, filters and upstreams always change together.
 #[derive(Debug)]
 pub struct Built {
     /// The config it was built from.
     pub config: Config,
     /// Routes in match order, each with its pipeline.
     pub routes: RouteTable,
+    /// Upstream pools by name.
+    pub pools: BTreeMap<String, Arc<upstream::Pool>>,
 }
 
 /// Reads, checks and builds the config at `path`; every error at once.
 pub fn load(path: &Path) -> Result<Built, ConfigError> {
-    Ok(build(config::load(path)?))
+    build(config::load(path)?, None)
 }
 
-/// Builds the runtime form of a checked config.
-pub fn build(config: Config) -> Built {
+/// Builds the runtime form of a checked config. With `previous`, an upstream whose config did
+/// not change keeps its pool (and its peers' health).
+pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigError> {
+    let mut errors = Vec::new();
+    let mut pools = BTreeMap::new();
+    for (name, u) in &config.upstreams {
+        match previous
+            .and_then(|p| p.pools.get(name))
+            .filter(|p| p.config == *u)
+        {
+            Some(same) => {
+                pools.insert(name.clone(), same.clone());
+            }
+            None => match upstream::Pool::new(u) {
+                Ok(pool) => {
+                    pools.insert(name.clone(), Arc::new(pool));
+                }
+                Err(e) => errors.push(format!("upstreams.{name}.addrs: {e}")),
+            },
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigError { errors });
+    }
     let filters: BTreeMap<&str, _> = config
         .filters
         .iter()
@@ -84,23 +109,19 @@ pub fn build(config: Config) -> Built {
             ),
         })
         .collect();
-    Built {
+    Ok(Built {
         routes: RouteTable::new(routes),
         config,
-    }
+        pools,
+    })
 }
 
 /// A failure to assemble the server.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// An upstream address could not be resolved.
-    #[error("upstreams.{name}: {reason}")]
-    Upstream {
-        /// The upstream.
-        name: String,
-        /// What failed.
-        reason: String,
-    },
+    /// The SIGHUP handler could not be installed.
+    #[error("installing the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
     /// A certificate could not be loaded or generated.
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsError),
@@ -115,6 +136,8 @@ pub struct RunOptions {
     pub grace_period_secs: u64,
     /// The socket a graceful upgrade hands listeners over on.
     pub upgrade_sock: String,
+    /// The config file SIGHUP reloads; `None`: no SIGHUP handling.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -123,6 +146,7 @@ impl Default for RunOptions {
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             grace_period_secs: 5,
             upgrade_sock: format!("/tmp/vigil-upgrade-{}.sock", std::process::id()),
+            config_path: None,
         }
     }
 }
@@ -152,23 +176,15 @@ impl Proxy {
         let metrics = metrics::Metrics::new();
         let listen = built.config.listen.clone();
 
-        let mut pools = BTreeMap::new();
-        let mut lb_services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = Vec::new();
-        for (name, u) in &built.config.upstreams {
-            let (pool, service) = pool(name, u)?;
-            pools.insert(name.clone(), pool);
-            lb_services.push(service);
-        }
-        let pools = Arc::new(pools);
         let built = Arc::new(ArcSwap::from_pointee(built));
         let edge = |tls| server::Edge {
             built: built.clone(),
-            pools: pools.clone(),
             metrics: metrics.clone(),
             tls,
         };
-
-        let mut services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = lb_services;
+        let mut services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = vec![Box::new(
+            background_service("health checks", upstream::HealthChecks(built.clone())),
+        )];
         let mut certs = None;
         if let Some(addr) = listen.https {
             let cfg = built.load();
@@ -222,9 +238,18 @@ impl Proxy {
             "admin".into(),
             admin::Admin {
                 metrics: metrics.clone(),
-                pools: pools.clone(),
+                built: built.clone(),
             },
         );
+        if let Some(path) = &opts.config_path {
+            let reloader = reload::Reloader {
+                path: path.clone(),
+                built: built.clone(),
+                metrics: metrics.clone(),
+            };
+            let on_hup = reload::OnSighup::new(reloader).map_err(StartError::Signal)?;
+            services.push(Box::new(background_service("sighup reload", on_hup)));
+        }
         admin.add_tcp(&listen.admin.to_string());
         admin.threads = Some(1);
         services.push(Box::new(admin));
@@ -237,6 +262,15 @@ impl Proxy {
         })
     }
 
+    /// A reloader of `path` into this proxy: what SIGHUP runs.
+    pub fn reloader(&self, path: &Path) -> reload::Reloader {
+        reload::Reloader {
+            path: path.to_owned(),
+            built: self.built.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Serves until `shutdown` says stop, then drains. Blocks; must not be called inside a tokio
     /// runtime (run it on its own thread).
     pub fn run(self, shutdown: Box<dyn ShutdownSignalWatch>) {
@@ -244,59 +278,6 @@ impl Proxy {
             shutdown_signal: shutdown,
         });
     }
-}
-
-/// A load balancer over an upstream's peers with its health checks, and the background service
-/// that runs them.
-fn pool(
-    name: &str,
-    u: &config::Upstream,
-) -> Result<
-    (
-        server::Pool,
-        Box<dyn pingora::services::ServiceWithDependents>,
-    ),
-    StartError,
-> {
-    let mut lb = LoadBalancer::try_from_iter(u.addrs.iter().map(String::as_str)).map_err(|e| {
-        StartError::Upstream {
-            name: name.to_owned(),
-            reason: e.to_string(),
-        }
-    })?;
-    let hc = &u.health_check;
-    match hc.kind {
-        config::HealthCheckKind::Tcp => {
-            let mut check = TcpHealthCheck::new();
-            check.consecutive_success = hc.healthy_after;
-            check.consecutive_failure = hc.unhealthy_after;
-            lb.set_health_check(check);
-        }
-        config::HealthCheckKind::Http => {
-            let host = u.addrs.first().map_or("localhost", |a| {
-                a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h)
-            });
-            let mut check = HttpHealthCheck::new(host, false);
-            check.consecutive_success = hc.healthy_after;
-            check.consecutive_failure = hc.unhealthy_after;
-            check
-                .req
-                .set_uri(hc.path.parse().map_err(|_| StartError::Upstream {
-                    name: name.to_owned(),
-                    reason: format!("health_check.path {:?} is not a path", hc.path),
-                })?);
-            lb.set_health_check(Box::new(check));
-        }
-    }
-    lb.health_check_frequency = Some(Duration::from_millis(hc.interval_ms));
-    let service = background_service(&format!("health {name}"), lb);
-    let pool = server::Pool {
-        lb: service.task(),
-        connect_timeout: Duration::from_millis(u.connect_timeout_ms),
-        read_timeout: Duration::from_millis(u.read_timeout_ms),
-        write_timeout: Duration::from_millis(u.write_timeout_ms),
-    };
-    Ok((pool, Box::new(service)))
 }
 
 /// Reloads certificates whose files changed, every two seconds.
@@ -368,7 +349,7 @@ mod tests {
             "t.toml",
         )
         .unwrap();
-        let built = build(c);
+        let built = build(c, None).unwrap();
         let api = built.routes.find(None, "/api/x").unwrap();
         let stages: Vec<_> = api
             .pipeline

@@ -9,15 +9,14 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::lb::LoadBalancer;
-use pingora::lb::selection::RoundRobin;
+
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -27,24 +26,10 @@ use crate::metrics::{Metrics, method_label, status_class};
 use crate::pipeline::{Decision, Rejection, RequestCtx};
 use crate::routing::{RouteEntry, normalize_host};
 
-/// An upstream pool: its load balancer and peer timeouts.
-pub struct Pool {
-    /// Round-robin over the peers its health checks keep.
-    pub lb: Arc<LoadBalancer<RoundRobin>>,
-    /// Peer connect timeout.
-    pub connect_timeout: Duration,
-    /// Per-read timeout.
-    pub read_timeout: Duration,
-    /// Per-write timeout.
-    pub write_timeout: Duration,
-}
-
 /// The proxy: the current config (swapped whole on reload), the pools and the metrics.
 pub struct Edge {
-    /// The config in force; each request takes one snapshot at its start.
+    /// The config in force (routes, filters, pools); each request takes one snapshot.
     pub built: Arc<ArcSwap<Built>>,
-    /// Upstream pools by name.
-    pub pools: Arc<std::collections::BTreeMap<String, Pool>>,
     /// Metric families.
     pub metrics: Metrics,
     /// Whether this service is the TLS listener (`X-Forwarded-Proto`, HSTS).
@@ -269,7 +254,7 @@ impl ProxyHttp for Edge {
             .route
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
-        let pool = self.pools.get(&route.upstream).ok_or_else(|| {
+        let pool = ctx.built.pools.get(&route.upstream).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "route names an unknown upstream")
         })?;
         let Some(backend) = pool.lb.select(b"", 256) else {

@@ -34,6 +34,13 @@ async fn upstream() -> SocketAddr {
             }),
         )
         .route("/health", get(|| async { "ok" }))
+        .route(
+            "/patient/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                "worth the wait"
+            }),
+        )
         .fallback(|req: axum::extract::Request| async move {
             let headers: serde_json::Map<String, Value> = req
                 .headers()
@@ -66,6 +73,10 @@ struct Edge {
     stop: Arc<Notify>,
     thread: Option<std::thread::JoinHandle<()>>,
     metrics: proxy::metrics::Metrics,
+    config: std::path::PathBuf,
+    reloader: proxy::reload::Reloader,
+    listen: String,
+    upstream: SocketAddr,
 }
 
 impl Edge {
@@ -81,21 +92,22 @@ impl Edge {
                 "[listen]\nhttp = \"127.0.0.1:{http}\"\nhttp_redirect = false\nhttps = \"127.0.0.1:{https}\"\nadmin = \"127.0.0.1:{admin}\"\n"
             )
         };
-        let text = format!(
-            "{listen}[tls]\ngenerated_dir = \"{}\"\n{}",
-            dir.join("certs").display(),
-            toml
-        )
-        .replace("{upstream}", &upstream.to_string())
-        .replace("{dead}", &format!("127.0.0.1:{}", free_port()));
-        let built = proxy::build(proxy::config::parse(&text, "test.toml").unwrap());
+        let listen = format!(
+            "{listen}[tls]\ngenerated_dir = \"{}\"\n",
+            dir.join("certs").display()
+        );
+        let config = dir.join("proxy.toml");
+        std::fs::write(&config, fill(&format!("{listen}{toml}"), upstream)).unwrap();
+        let built = proxy::load(&config).unwrap();
         let opts = proxy::RunOptions {
             threads: 1,
             grace_period_secs: 0,
             upgrade_sock: dir.join("upgrade.sock").display().to_string(),
+            config_path: Some(config.clone()),
         };
         let p = proxy::Proxy::new(built, &opts).unwrap();
         let metrics = p.metrics.clone();
+        let reloader = p.reloader(&config);
         let stop = Arc::new(Notify::new());
         let signal = Stop(stop.clone());
         let thread = std::thread::spawn(move || p.run(Box::new(signal)));
@@ -106,6 +118,10 @@ impl Edge {
             stop,
             thread: Some(thread),
             metrics,
+            config,
+            reloader,
+            listen,
+            upstream,
         };
         edge.wait_ready(http).await;
         edge
@@ -127,6 +143,15 @@ impl Edge {
         panic!("the proxy did not come up");
     }
 
+    /// Rewrites the config file with the same listeners and `toml` for the rest.
+    fn rewrite(&self, toml: &str) {
+        std::fs::write(
+            &self.config,
+            fill(&format!("{}{toml}", self.listen), self.upstream),
+        )
+        .unwrap();
+    }
+
     fn metric(&self, series: &str) -> f64 {
         self.metrics
             .render()
@@ -143,6 +168,11 @@ impl Drop for Edge {
             let _ = t.join();
         }
     }
+}
+
+fn fill(text: &str, upstream: SocketAddr) -> String {
+    text.replace("{upstream}", &upstream.to_string())
+        .replace("{dead}", &format!("127.0.0.1:{}", free_port()))
 }
 
 const ROUTES: &str = r#"
@@ -434,5 +464,120 @@ async fn https_serves_h2_by_sni_and_http_redirects() {
     assert_eq!(
         r.headers().get("location").unwrap().to_str().unwrap(),
         format!("https://localhost:{}/api/x?y=1", https.port())
+    );
+}
+
+const PATIENT: &str = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+health_check = { kind = "tcp", interval_ms = 200 }
+
+[[routes]]
+name = "patient"
+path_prefix = "/patient/"
+upstream = "echo"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_swap_routes_keep_requests_in_flight_and_survive_broken_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(PATIENT, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    assert_eq!(
+        c.get(format!("{}/added/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // A request in flight while its route disappears still completes.
+    let in_flight = tokio::spawn(c.get(format!("{}/patient/slow", edge.http)).send());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    edge.rewrite(&PATIENT.replace(
+        "name = \"patient\"\npath_prefix = \"/patient/\"",
+        "name = \"added\"\npath_prefix = \"/added/\"",
+    ));
+    edge.reloader.reload().unwrap();
+    let done = in_flight.await.unwrap().unwrap();
+    assert_eq!(
+        (done.status().as_u16(), done.text().await.unwrap()),
+        (200, "worth the wait".to_owned())
+    );
+    assert_eq!(
+        c.get(format!("{}/added/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{}/patient/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        edge.metric(r#"vigil_proxy_config_reloads_total{result="success"}"#),
+        1.0
+    );
+
+    // A broken file changes nothing and says so.
+    edge.rewrite("[[routes]]\nname = \"x\"\npath_prefix = \"/x/\"\nupstream = \"missing\"\n");
+    let err = edge.reloader.reload().unwrap_err().to_string();
+    assert!(
+        err.contains("routes[0].upstream: no [upstreams.missing]"),
+        "{err}"
+    );
+    assert_eq!(
+        c.get(format!("{}/added/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "the old config serves"
+    );
+    assert_eq!(
+        edge.metric(r#"vigil_proxy_config_reloads_total{result="failure"}"#),
+        1.0
+    );
+    assert_eq!(
+        edge.metric("vigil_proxy_config_last_reload_successful"),
+        0.0
+    );
+
+    // SIGHUP runs the same reload.
+    edge.rewrite(PATIENT);
+    let pid = std::process::id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for _ in 0..200 {
+        if edge.metric("vigil_proxy_config_last_reload_successful") == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        edge.metric("vigil_proxy_config_last_reload_successful"),
+        1.0,
+        "SIGHUP reloaded the fixed file"
+    );
+    assert_eq!(
+        c.get(format!("{}/patient/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
     );
 }
