@@ -449,6 +449,9 @@ impl ProxyHttp for Edge {
             };
         };
         let code = r.status.as_u16();
+        // The connection is not reused after a failed proxy attempt; say so, so clients do not
+        // send their next request into a closing socket.
+        session.set_keepalive(None);
         if session.response_written().is_none() {
             // The response may be half-sent already; then there is nothing to write.
             let _ = self.respond(session, ctx, r).await;

@@ -35,6 +35,10 @@ async fn upstream() -> SocketAddr {
         )
         .route("/health", get(|| async { "ok" }))
         .route(
+            "/sick",
+            get(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "sick") }),
+        )
+        .route(
             "/patient/slow",
             get(|| async {
                 tokio::time::sleep(Duration::from_millis(800)).await;
@@ -65,6 +69,15 @@ impl ShutdownSignalWatch for Stop {
     }
 }
 
+/// How a test proxy listens: `redirect` turns plain HTTP into the 308 listener, `listen_extra`
+/// adds `[listen]` keys, `tls` replaces the generated certificate with its own `[tls]` keys.
+#[derive(Default)]
+struct Setup<'a> {
+    redirect: bool,
+    listen_extra: &'a str,
+    tls: Option<&'a str>,
+}
+
 /// A running proxy.
 struct Edge {
     http: String,
@@ -82,19 +95,47 @@ struct Edge {
 impl Edge {
     /// Starts a proxy for `toml` (with `{upstream}`, `{dead}` and the listener addresses filled in).
     async fn start(toml: &str, upstream: SocketAddr, dir: &Path, tls: bool) -> Self {
+        Self::start_with(
+            Setup {
+                redirect: tls,
+                ..Setup::default()
+            },
+            toml,
+            upstream,
+            dir,
+        )
+        .await
+    }
+
+    /// Starts a proxy whose `[listen]` trusts `net` as a proxy in front of it.
+    async fn start_trusting(toml: &str, upstream: SocketAddr, dir: &Path, net: &str) -> Self {
+        let extra = format!("trusted_proxies = [\"{net}\"]\n");
+        Self::start_with(
+            Setup {
+                listen_extra: &extra,
+                ..Setup::default()
+            },
+            toml,
+            upstream,
+            dir,
+        )
+        .await
+    }
+
+    async fn start_with(setup: Setup<'_>, toml: &str, upstream: SocketAddr, dir: &Path) -> Self {
         let (http, admin, https) = (free_port(), free_port(), free_port());
-        let listen = if tls {
-            format!(
-                "[listen]\nhttp = \"127.0.0.1:{http}\"\nhttps = \"127.0.0.1:{https}\"\nadmin = \"127.0.0.1:{admin}\"\n"
-            )
+        let redirect = if setup.redirect {
+            ""
         } else {
-            format!(
-                "[listen]\nhttp = \"127.0.0.1:{http}\"\nhttp_redirect = false\nhttps = \"127.0.0.1:{https}\"\nadmin = \"127.0.0.1:{admin}\"\n"
-            )
+            "http_redirect = false\n"
         };
+        let tls = setup.tls.map_or_else(
+            || format!("generated_dir = \"{}\"\n", dir.join("certs").display()),
+            str::to_owned,
+        );
         let listen = format!(
-            "{listen}[tls]\ngenerated_dir = \"{}\"\n",
-            dir.join("certs").display()
+            "[listen]\nhttp = \"127.0.0.1:{http}\"\n{redirect}https = \"127.0.0.1:{https}\"\nadmin = \"127.0.0.1:{admin}\"\n{}[tls]\n{tls}",
+            setup.listen_extra
         );
         let config = dir.join("proxy.toml");
         std::fs::write(&config, fill(&format!("{listen}{toml}"), upstream)).unwrap();
@@ -579,5 +620,183 @@ async fn reloads_swap_routes_keep_requests_in_flight_and_survive_broken_files() 
             .unwrap()
             .status(),
         200
+    );
+}
+
+/// A certificate for `names` written as `dir/stem.{crt,key}`; returns its PEM for a client.
+fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> reqwest::Certificate {
+    let g =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    std::fs::write(dir.join(format!("{stem}.crt")), g.cert.pem()).unwrap();
+    std::fs::write(
+        dir.join(format!("{stem}.key")),
+        g.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    reqwest::Certificate::from_pem(g.cert.pem().as_bytes()).unwrap()
+}
+
+fn tls_client(trust: &reqwest::Certificate, https: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(trust.clone())
+        .resolve("a.test", https)
+        .resolve("b.test", https)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_and_replaced_files_are_served_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_cert(dir.path(), "a", &["a.test"]);
+    let b = write_cert(dir.path(), "b", &["b.test"]);
+    let certs = format!(
+        "certs = [{{ cert_path = \"{d}/a.crt\", key_path = \"{d}/a.key\" }}, {{ cert_path = \"{d}/b.crt\", key_path = \"{d}/b.key\" }}]\n",
+        d = dir.path().display()
+    );
+    let setup = Setup {
+        redirect: true,
+        tls: Some(&certs),
+        ..Setup::default()
+    };
+    let edge = Edge::start_with(setup, ROUTES, upstream().await, dir.path()).await;
+    let https = edge.https.unwrap();
+    let port = https.port();
+
+    let ok = |c: reqwest::Client, host: &'static str| async move {
+        c.get(format!("https://{host}:{port}/api/x"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
+    assert_eq!(ok(tls_client(&a, https), "a.test").await.unwrap(), 200);
+    assert_eq!(ok(tls_client(&b, https), "b.test").await.unwrap(), 200);
+    assert!(
+        ok(tls_client(&a, https), "b.test").await.is_err(),
+        "b.test is served b's certificate, not a's"
+    );
+
+    // Replace a's files on disk: the new certificate is served within the reload interval.
+    let a2 = write_cert(dir.path(), "a", &["a.test"]);
+    let mut served = false;
+    for _ in 0..120 {
+        if ok(tls_client(&a2, https), "a.test")
+            .await
+            .is_ok_and(|s| s == 200)
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "the replaced certificate was not picked up");
+
+    // TLS 1.1 is refused; the same probe at TLS 1.2 completes.
+    let probe = |version: &str| {
+        std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                "a.test",
+                version,
+            ])
+            .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert!(
+        probe("-tls1_2").status.success(),
+        "the probe works at TLS 1.2"
+    );
+    let old = probe("-tls1_1");
+    assert!(
+        !old.status.success(),
+        "TLS 1.1 must be refused: {}",
+        String::from_utf8_lossy(&old.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_honoured_only_from_trusted_peers_and_sick_pools_answer_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+[upstreams.sick]
+addrs = ["{upstream}"]
+health_check = { kind = "http", path = "/sick", interval_ms = 100, unhealthy_after = 1 }
+[filters.no_docs]
+kind = "ip"
+deny = ["192.0.2.0/24"]
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+filters = ["no_docs"]
+[[routes]]
+name = "sick"
+path_prefix = "/sick/"
+upstream = "sick"
+"#;
+    let edge = Edge::start_trusting(toml, upstream().await, dir.path(), "127.0.0.0/8").await;
+    let c = reqwest::Client::new();
+    let r = c
+        .get(format!("{}/api/x", edge.http))
+        .header("x-forwarded-for", "6.6.6.6, 198.51.100.7")
+        .header("x-request-id", "from-the-lb")
+        .send()
+        .await
+        .unwrap();
+    let (status, headers, body) = json(r).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["headers"]["x-forwarded-for"], "6.6.6.6, 198.51.100.7, 127.0.0.1",
+        "the chain is extended"
+    );
+    assert_eq!(
+        headers.get("x-request-id").unwrap(),
+        "from-the-lb",
+        "a trusted peer's request id is kept"
+    );
+    // The filter judges the client the trusted chain names: the rightmost untrusted hop.
+    let r = c
+        .get(format!("{}/api/x", edge.http))
+        .header("x-forwarded-for", "192.0.2.9")
+        .send()
+        .await
+        .unwrap();
+    assert_rejection(&json(r).await, 403, "ip", "denied");
+
+    let mut last = 0;
+    for _ in 0..100 {
+        last = c
+            .get(format!("{}/sick/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if last == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        last, 503,
+        "a pool whose health checks fail has no peer to offer"
+    );
+    let r = c.get(format!("{}/sick/x", edge.http)).send().await.unwrap();
+    assert_rejection(&json(r).await, 503, "upstream", "no_healthy_upstream");
+    let ready = reqwest::get(format!("{}/readyz", edge.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        ready.json::<Value>().await.unwrap()["upstreams_without_healthy_peers"][0],
+        "sick"
     );
 }
