@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod config;
 pub mod filters;
+pub mod guard;
 pub mod metrics;
 pub mod pipeline;
 pub mod redirect;
@@ -185,6 +186,19 @@ impl Proxy {
         let mut services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = vec![Box::new(
             background_service("health checks", upstream::HealthChecks(built.clone())),
         )];
+        // One connection cap for both proxy listeners.
+        let limits = built.load().config.limits.clone();
+        let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        let conf = server.configuration.clone();
+        let guarded = |name: &str, edge: server::Edge| {
+            let app = guard::Guard {
+                inner: Arc::new(pingora::proxy::http_proxy(&conf, edge)),
+                permits: permits.clone(),
+                header_deadline: Duration::from_millis(limits.header_read_timeout_ms),
+                metrics: metrics.clone(),
+            };
+            Listening::new(name.to_owned(), app)
+        };
         let mut certs = None;
         if let Some(addr) = listen.https {
             let cfg = built.load();
@@ -202,11 +216,7 @@ impl Proxy {
             })?;
             settings.set_cert_resolver(resolver.clone());
             settings.enable_h2();
-            let mut svc = pingora::proxy::http_proxy_service_with_name(
-                &server.configuration,
-                edge(true),
-                "proxy https",
-            );
+            let mut svc = guarded("proxy https", edge(true));
             svc.add_tls_with_settings(&addr.to_string(), None, settings);
             svc.threads = Some(opts.threads);
             services.push(Box::new(svc));
@@ -224,11 +234,7 @@ impl Proxy {
                 svc.threads = Some(1);
                 services.push(Box::new(svc));
             } else {
-                let mut svc = pingora::proxy::http_proxy_service_with_name(
-                    &server.configuration,
-                    edge(false),
-                    "proxy http",
-                );
+                let mut svc = guarded("proxy http", edge(false));
                 svc.add_tcp(&addr.to_string());
                 svc.threads = Some(opts.threads);
                 services.push(Box::new(svc));
