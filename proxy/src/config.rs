@@ -221,6 +221,47 @@ pub struct Route {
     /// Response security headers.
     #[serde(default)]
     pub security_headers: SecurityHeaders,
+    /// Cross-origin requests; absent: no CORS headers, preflights go upstream.
+    #[serde(default)]
+    pub cors: Option<Cors>,
+    /// gzip/brotli/zstd level (1 to 9) for responses the client accepts compressed; absent: off.
+    #[serde(default)]
+    pub compression_level: Option<u32>,
+}
+
+/// `[routes.cors]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cors {
+    /// Origins allowed (`https://app.example.com`), or `"*"`.
+    pub allowed_origins: Vec<String>,
+    /// Methods allowed from other origins.
+    #[serde(default = "default_cors_methods")]
+    pub allowed_methods: Vec<String>,
+    /// Request headers allowed from other origins.
+    #[serde(default = "default_cors_headers")]
+    pub allowed_headers: Vec<String>,
+    /// Response headers scripts may read.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// Whether cookies and credentials may be sent (never with `"*"`).
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// How long browsers may cache a preflight answer.
+    #[serde(default = "default_cors_max_age")]
+    pub max_age_secs: u64,
+}
+
+fn default_cors_methods() -> Vec<String> {
+    ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_cors_headers() -> Vec<String> {
+    ["content-type", "authorization"].map(String::from).to_vec()
+}
+fn default_cors_max_age() -> u64 {
+    600
 }
 
 /// Security headers added to responses of a route.
@@ -598,6 +639,20 @@ impl Config {
             }
             if r.max_body_bytes == Some(0) {
                 errors.push(key("max_body_bytes"), "must be at least 1");
+            }
+            if r.compression_level.is_some_and(|l| !(1..=9).contains(&l)) {
+                errors.push(key("compression_level"), "must be between 1 and 9");
+            }
+            if let Some(c) = &r.cors {
+                if c.allowed_origins.is_empty() {
+                    errors.push(key("cors.allowed_origins"), "list at least one origin");
+                }
+                if c.allow_credentials && c.allowed_origins.iter().any(|o| o == "*") {
+                    errors.push(
+                        key("cors.allow_credentials"),
+                        "cannot be true with the \"*\" origin",
+                    );
+                }
             }
         }
     }

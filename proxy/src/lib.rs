@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod cors;
 pub mod filters;
 pub mod guard;
 pub mod metrics;
@@ -95,6 +96,8 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
             upstream: r.upstream.clone(),
             max_body_bytes: r.max_body_bytes.unwrap_or(config.limits.max_body_bytes),
             security_headers: r.security_headers.clone(),
+            cors: r.cors.clone(),
+            compression_level: r.compression_level,
             pipeline: Pipeline::new(
                 r.filters
                     .iter()

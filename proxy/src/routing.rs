@@ -22,6 +22,10 @@ pub struct RouteEntry {
     pub pipeline: Pipeline,
     /// The route's response security headers.
     pub security_headers: crate::config::SecurityHeaders,
+    /// The route's CORS policy.
+    pub cors: Option<crate::config::Cors>,
+    /// Response compression level, if on.
+    pub compression_level: Option<u32>,
 }
 
 impl RouteEntry {
@@ -101,6 +105,8 @@ mod tests {
             max_body_bytes: 1,
             pipeline: Pipeline::default(),
             security_headers: Default::default(),
+            cors: None,
+            compression_level: None,
         }
     }
 

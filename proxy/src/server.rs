@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::compression::ResponseCompression;
 
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -45,6 +46,7 @@ pub struct Ctx {
     host: Option<String>,
     upstream_started: Option<Instant>,
     upstream_ms: Option<f64>,
+    origin: Option<String>,
     body_bytes: u64,
     in_flight: bool,
 }
@@ -57,17 +59,8 @@ impl Edge {
     /// request is answered).
     async fn respond(&self, session: &mut Session, ctx: &mut Ctx, r: Rejection) -> Result<bool> {
         ctx.req.reject(&r);
-        let mut resp = ResponseHeader::build(r.status, Some(4))?;
-        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-        resp.insert_header("x-request-id", ctx.req.request_id.as_str())?;
-        for (k, v) in &r.headers {
-            resp.insert_header(k.clone(), v.clone())?;
-        }
         let body = Bytes::from(r.body(&ctx.req.request_id));
-        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await?;
-        Ok(true)
+        answer(session, ctx, r.status, &r.headers, Some(body)).await
     }
 
     fn trusted(&self, built: &Built, ip: IpAddr) -> bool {
@@ -78,6 +71,35 @@ impl Edge {
             .iter()
             .any(|n| n.contains(&ip.to_canonical()))
     }
+}
+
+/// Writes an answer of the proxy's own: status, the request id, `headers`, and a JSON body.
+async fn answer(
+    session: &mut Session,
+    ctx: &Ctx,
+    status: StatusCode,
+    headers: &[(header::HeaderName, HeaderValue)],
+    body: Option<Bytes>,
+) -> Result<bool> {
+    let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
+    resp.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+    for (k, v) in headers {
+        resp.insert_header(k.clone(), v.clone())?;
+    }
+    if body.is_some() {
+        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    }
+    resp.insert_header(
+        header::CONTENT_LENGTH,
+        body.as_ref().map_or(0, Bytes::len).to_string(),
+    )?;
+    session
+        .write_response_header(Box::new(resp), body.is_none())
+        .await?;
+    if let Some(body) = body {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(true)
 }
 
 /// The client address: the socket peer, or, when the peer is a trusted proxy, the rightmost
@@ -140,6 +162,7 @@ impl ProxyHttp for Edge {
             host: None,
             upstream_started: None,
             upstream_ms: None,
+            origin: None,
             body_bytes: 0,
             in_flight: false,
         }
@@ -212,8 +235,34 @@ impl ProxyHttp for Edge {
         if declared.is_some_and(|n| n > route.max_body_bytes) {
             return self.respond(session, ctx, body_too_large()).await;
         }
+        if let Some(cors) = &route.cors {
+            ctx.origin = req
+                .headers
+                .get(header::ORIGIN)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            match crate::cors::preflight(cors, req) {
+                crate::cors::Preflight::No => {}
+                crate::cors::Preflight::Allow(headers) => {
+                    return answer(session, ctx, StatusCode::NO_CONTENT, &headers, None).await;
+                }
+                crate::cors::Preflight::Reject(r) => return self.respond(session, ctx, r).await,
+            }
+        }
         if let Some(r) = route.pipeline.on_request(req, &mut ctx.req) {
             return self.respond(session, ctx, r).await;
+        }
+        if let Some(level) = route.compression_level {
+            // The module read Accept-Encoding while it was still off (level 0), before this
+            // filter ran: turn it on and let it read the header again.
+            let req = session.req_header().clone();
+            if let Some(c) = session
+                .downstream_modules_ctx
+                .get_mut::<ResponseCompression>()
+            {
+                c.adjust_level(level);
+                c.request_filter(&req);
+            }
         }
         Ok(false)
     }
@@ -377,6 +426,11 @@ impl ProxyHttp for Edge {
             }
             if let Ok(v) = HeaderValue::from_str(&h.referrer_policy) {
                 resp.insert_header(header::REFERRER_POLICY, v)?;
+            }
+            if let (Some(cors), Some(origin)) = (&route.cors, &ctx.origin) {
+                for (k, v) in crate::cors::response_headers(cors, origin) {
+                    resp.insert_header(k, v)?;
+                }
             }
             for (k, v) in route.pipeline.on_response(resp.status, &ctx.req).set {
                 resp.insert_header(k, v)?;

@@ -913,3 +913,102 @@ async fn connections_over_the_cap_are_closed_until_a_slot_frees() {
     }
     assert!(ok, "a freed slot admits a new connection");
 }
+
+const CORS: &str = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+
+[[routes]]
+name = "app"
+path_prefix = "/app/"
+upstream = "echo"
+compression_level = 5
+cors = { allowed_origins = ["https://app.example"], allow_credentials = true, expose_headers = ["x-request-id"] }
+
+[[routes]]
+name = "plain"
+path_prefix = "/plain/"
+upstream = "echo"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_are_answered_at_the_edge_and_responses_compressed_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(CORS, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    let preflight = |origin: &'static str, method: &'static str| {
+        c.request(reqwest::Method::OPTIONS, format!("{}/app/items", edge.http))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .send()
+    };
+    let ok = preflight("https://app.example", "POST").await.unwrap();
+    assert_eq!(ok.status(), 204, "answered by the edge, not the upstream");
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(ok.headers()["access-control-allow-credentials"], "true");
+    assert_rejection(
+        &json(preflight("https://evil.example", "POST").await.unwrap()).await,
+        403,
+        "cors",
+        "origin_not_allowed",
+    );
+
+    let get = |origin: &'static str| {
+        c.get(format!("{}/app/items", edge.http))
+            .header("origin", origin)
+            .send()
+    };
+    let r = get("https://app.example").await.unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(r.headers()["access-control-expose-headers"], "x-request-id");
+    assert!(
+        get("https://evil.example")
+            .await
+            .unwrap()
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+
+    let zipped = c
+        .get(format!("{}/app/items", edge.http))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        zipped
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+    let br = c
+        .get(format!("{}/app/items", edge.http))
+        .header("accept-encoding", "br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        br.headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("br")
+    );
+    let plain = c
+        .get(format!("{}/plain/items", edge.http))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        plain.headers().get("content-encoding").is_none(),
+        "compression is per route"
+    );
+}
