@@ -9,6 +9,7 @@
 //! plain HTTP when `listen.http_redirect` is off), the [`redirect`] and [`admin`] apps, one
 //! health-checking load balancer per upstream, and the certificate reloader.
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod cors;
@@ -142,6 +143,8 @@ pub struct RunOptions {
     pub upgrade_sock: String,
     /// The config file SIGHUP reloads; `None`: no SIGHUP handling.
     pub config_path: Option<std::path::PathBuf>,
+    /// Where access-log lines go.
+    pub access_log: access_log::Sink,
 }
 
 impl Default for RunOptions {
@@ -151,6 +154,7 @@ impl Default for RunOptions {
             grace_period_secs: 5,
             upgrade_sock: format!("/tmp/vigil-upgrade-{}.sock", std::process::id()),
             config_path: None,
+            access_log: access_log::Sink::Stdout,
         }
     }
 }
@@ -185,6 +189,7 @@ impl Proxy {
             built: built.clone(),
             metrics: metrics.clone(),
             tls,
+            access_log: opts.access_log.clone(),
         };
         let mut services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = vec![Box::new(
             background_service("health checks", upstream::HealthChecks(built.clone())),

@@ -72,6 +72,10 @@ impl Metrics {
         .expect("valid metric definition");
         reg(Box::new(config_last_reload_successful.clone()));
         config_last_reload_successful.set(1.0);
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
+        reg(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         Self {
             requests: counter(
                 "vigil_proxy_requests_total",

@@ -35,6 +35,8 @@ pub struct Edge {
     pub metrics: Metrics,
     /// Whether this service is the TLS listener (`X-Forwarded-Proto`, HSTS).
     pub tls: bool,
+    /// Where access-log lines go.
+    pub access_log: crate::access_log::Sink,
 }
 
 /// Per-request state.
@@ -560,34 +562,40 @@ impl ProxyHttp for Edge {
                 .inc(),
             Decision::Allow => {}
         }
-        let header = |name: header::HeaderName| {
-            req.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-        };
-        tracing::info!(
-            target: "access",
-            service = "proxy",
-            request_id = %ctx.req.request_id,
-            client_ip = %ctx.req.client_ip,
-            method = req.method.as_str(),
-            host = ctx.host.as_deref().unwrap_or(""),
+        let user_agent = req
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let tls_version = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .map_or("", |d| crate::tls::normalize_version(Some(&d.version)));
+        self.access_log.write(&crate::access_log::Line {
+            ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            level: "info",
+            service: "proxy",
+            request_id: &ctx.req.request_id,
+            trace_id: "",
+            client_ip: ctx.req.client_ip.to_string(),
+            method: req.method.as_str(),
+            host: ctx.host.as_deref().unwrap_or(""),
             route,
-            path = req.uri.path(),
+            path: req.uri.path(),
             status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            upstream_ms = ctx.upstream_ms,
-            bytes_in = session.body_bytes_read(),
-            bytes_out = session.body_bytes_sent(),
-            subject = ctx.req.subject.as_deref().unwrap_or(""),
-            decision = ctx.req.decision.as_str(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            upstream_ms: ctx.upstream_ms,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            subject: ctx.req.subject.as_deref().unwrap_or(""),
+            decision: ctx.req.decision.as_str(),
             stage,
             reason,
-            tls = self.tls,
-            user_agent = header(header::USER_AGENT),
-            "request"
-        );
+            waf_rule_ids: Vec::new(),
+            ratelimit_policy: "",
+            tls_version,
+            user_agent,
+        });
     }
 }
 

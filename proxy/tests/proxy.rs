@@ -90,6 +90,7 @@ struct Edge {
     reloader: proxy::reload::Reloader,
     listen: String,
     upstream: SocketAddr,
+    log: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl Edge {
@@ -140,11 +141,13 @@ impl Edge {
         let config = dir.join("proxy.toml");
         std::fs::write(&config, fill(&format!("{listen}{toml}"), upstream)).unwrap();
         let built = proxy::load(&config).unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let opts = proxy::RunOptions {
             threads: 1,
             grace_period_secs: 0,
             upgrade_sock: dir.join("upgrade.sock").display().to_string(),
             config_path: Some(config.clone()),
+            access_log: proxy::access_log::Sink::Memory(log.clone()),
         };
         let p = proxy::Proxy::new(built, &opts).unwrap();
         let metrics = p.metrics.clone();
@@ -163,6 +166,7 @@ impl Edge {
             reloader,
             listen,
             upstream,
+            log,
         };
         edge.wait_ready(http).await;
         edge
@@ -191,6 +195,14 @@ impl Edge {
             fill(&format!("{}{toml}", self.listen), self.upstream),
         )
         .unwrap();
+    }
+
+    /// The access-log lines written so far.
+    fn log_lines(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.log.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     fn metric(&self, series: &str) -> f64 {
@@ -489,6 +501,63 @@ async fn https_serves_h2_by_sni_and_http_redirects() {
     assert_eq!(
         edge.metric(r#"vigil_proxy_tls_handshakes_total{result="success",version="1.2"}"#),
         1.0
+    );
+    let lines = edge.log_lines();
+    let line = lines
+        .iter()
+        .find(|l| l["tls_version"] == "1.3")
+        .expect("a line for the TLS 1.3 request");
+    let fields: Vec<&str> = line
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for f in [
+        "ts",
+        "level",
+        "service",
+        "request_id",
+        "trace_id",
+        "client_ip",
+        "method",
+        "host",
+        "route",
+        "path",
+        "status",
+        "duration_ms",
+        "upstream_ms",
+        "bytes_in",
+        "bytes_out",
+        "subject",
+        "decision",
+        "stage",
+        "reason",
+        "waf_rule_ids",
+        "ratelimit_policy",
+        "tls_version",
+        "user_agent",
+    ] {
+        assert!(fields.contains(&f), "the access log carries {f}: {line}");
+    }
+    assert_eq!(
+        (
+            line["service"].as_str(),
+            line["route"].as_str(),
+            line["status"].as_u64()
+        ),
+        (Some("proxy"), Some("api"), Some(200))
+    );
+    assert_eq!(
+        (
+            line["decision"].as_str(),
+            line["client_ip"].as_str(),
+            line["host"].as_str()
+        ),
+        (Some("allow"), Some("127.0.0.1"), Some("localhost"))
+    );
+    assert!(
+        line["ts"].as_str().unwrap().ends_with('Z') && line["upstream_ms"].as_f64().unwrap() > 0.0
     );
 
     let no_redirects = reqwest::Client::builder()
@@ -1010,5 +1079,38 @@ async fn cors_preflights_are_answered_at_the_edge_and_responses_compressed_on_re
     assert!(
         plain.headers().get("content-encoding").is_none(),
         "compression is per route"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_process_metrics_health_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(CORS, upstream().await, dir.path(), false).await;
+    let text = reqwest::get(format!("{}/metrics", edge.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for family in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "vigil_proxy_connections_active",
+    ] {
+        assert!(text.contains(family), "{family} is exported");
+    }
+    assert_eq!(
+        reqwest::get(format!("{}/readyz", edge.admin))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/nothing", edge.admin))
+            .await
+            .unwrap()
+            .status(),
+        404
     );
 }
