@@ -53,11 +53,17 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         grace_period_secs: u64,
     },
-    /// The edge proxy (SIGTERM drains, SIGQUIT hands over to an upgraded process).
+    /// The edge proxy (SIGHUP reloads, SIGTERM drains, SIGQUIT hands over to an upgraded process).
     Proxy {
         /// proxy.toml
         #[arg(long, short)]
         config: PathBuf,
+        /// Take the listening sockets over from the running proxy (then SIGQUIT it).
+        #[arg(long, short)]
+        upgrade: bool,
+        /// The socket the listening sockets are handed over on.
+        #[arg(long, default_value = "/tmp/vigil-proxy-upgrade.sock")]
+        upgrade_sock: String,
     },
     /// Check a proxy config file: every error at once, each with its file and key; exit 1 on any.
     Check {
@@ -140,7 +146,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             runtime()?.block_on(up(opts))
         }
-        Command::Proxy { config } => serve_proxy(&config),
+        Command::Proxy {
+            config,
+            upgrade,
+            upgrade_sock,
+        } => serve_proxy(&config, upgrade, upgrade_sock),
         Command::Check { config } => {
             let built = proxy::load(&config)?;
             eprintln!("{}: ok ({})", config.display(), built.summary());
@@ -370,11 +380,13 @@ async fn serve_auth(config: auth::Config) -> anyhow::Result<()> {
 
 /// `vigil proxy`: Pingora's own signal handling (SIGTERM drains, SIGINT stops, SIGQUIT hands
 /// the listeners to an upgraded process).
-fn serve_proxy(config: &Path) -> anyhow::Result<()> {
+fn serve_proxy(config: &Path, upgrade: bool, upgrade_sock: String) -> anyhow::Result<()> {
     let built = proxy::load(config)?;
     tracing::info!(config = %config.display(), summary = %built.summary(), "starting the proxy");
     let opts = proxy::RunOptions {
         config_path: Some(config.to_owned()),
+        upgrade,
+        upgrade_sock,
         ..Default::default()
     };
     let proxy = proxy::Proxy::new(built, &opts)?;

@@ -145,6 +145,8 @@ pub struct RunOptions {
     pub config_path: Option<std::path::PathBuf>,
     /// Where access-log lines go.
     pub access_log: access_log::Sink,
+    /// Take the listeners over from a running proxy instead of binding them.
+    pub upgrade: bool,
 }
 
 impl Default for RunOptions {
@@ -155,6 +157,7 @@ impl Default for RunOptions {
             upgrade_sock: format!("/tmp/vigil-upgrade-{}.sock", std::process::id()),
             config_path: None,
             access_log: access_log::Sink::Stdout,
+            upgrade: false,
         }
     }
 }
@@ -180,7 +183,16 @@ impl Proxy {
             upgrade_sock: opts.upgrade_sock.clone(),
             ..Default::default()
         };
-        let mut server = Server::new_with_opt_and_conf(None, conf);
+        // A graceful upgrade takes the listening sockets from the running process over
+        // `upgrade_sock` instead of binding them (`vigil proxy --upgrade`, then SIGQUIT the old).
+        let opt = pingora::server::configuration::Opt {
+            upgrade: opts.upgrade,
+            ..Default::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(opt, conf);
+        if opts.upgrade {
+            server.bootstrap();
+        }
         let metrics = metrics::Metrics::new();
         let listen = built.config.listen.clone();
 
