@@ -64,6 +64,9 @@ enum Command {
         /// The socket the listening sockets are handed over on.
         #[arg(long, default_value = "/tmp/vigil-proxy-upgrade.sock")]
         upgrade_sock: String,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Check a proxy config file: every error at once, each with its file and key; exit 1 on any.
     Check {
@@ -150,7 +153,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             upgrade,
             upgrade_sock,
-        } => serve_proxy(&config, upgrade, upgrade_sock),
+            threads,
+        } => {
+            let defaults = proxy::RunOptions::default();
+            let opts = proxy::RunOptions {
+                config_path: Some(config.clone()),
+                upgrade,
+                upgrade_sock,
+                threads: threads.unwrap_or(defaults.threads),
+                ..defaults
+            };
+            serve_proxy(&config, &opts)
+        }
         Command::Check { config } => {
             let built = proxy::load(&config)?;
             eprintln!("{}: ok ({})", config.display(), built.summary());
@@ -380,16 +394,10 @@ async fn serve_auth(config: auth::Config) -> anyhow::Result<()> {
 
 /// `vigil proxy`: Pingora's own signal handling (SIGTERM drains, SIGINT stops, SIGQUIT hands
 /// the listeners to an upgraded process).
-fn serve_proxy(config: &Path, upgrade: bool, upgrade_sock: String) -> anyhow::Result<()> {
+fn serve_proxy(config: &Path, opts: &proxy::RunOptions) -> anyhow::Result<()> {
     let built = proxy::load(config)?;
     tracing::info!(config = %config.display(), summary = %built.summary(), "starting the proxy");
-    let opts = proxy::RunOptions {
-        config_path: Some(config.to_owned()),
-        upgrade,
-        upgrade_sock,
-        ..Default::default()
-    };
-    let proxy = proxy::Proxy::new(built, &opts)?;
+    let proxy = proxy::Proxy::new(built, opts)?;
     proxy.run(Box::new(pingora::server::UnixShutdownSignalWatch));
     Ok(())
 }

@@ -148,6 +148,7 @@ impl Edge {
             upgrade_sock: dir.join("upgrade.sock").display().to_string(),
             config_path: Some(config.clone()),
             access_log: proxy::access_log::Sink::Memory(log.clone()),
+            upgrade: false,
         };
         let p = proxy::Proxy::new(built, &opts).unwrap();
         let metrics = p.metrics.clone();
