@@ -120,6 +120,9 @@ pub struct Upstream {
     /// Active health checking.
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// Passive ejection: a peer that refuses a connection is taken out for this long (0: never).
+    #[serde(default = "default_eject")]
+    pub eject_on_connect_failure_secs: u64,
 }
 
 /// Active health checks of an upstream's peers.
@@ -335,6 +338,9 @@ fn default_read_timeout() -> u64 {
 }
 fn default_write_timeout() -> u64 {
     30_000
+}
+fn default_eject() -> u64 {
+    10
 }
 fn default_health_path() -> String {
     "/health".into()

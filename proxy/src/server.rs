@@ -49,6 +49,8 @@ pub struct Ctx {
     upstream_started: Option<Instant>,
     upstream_ms: Option<f64>,
     origin: Option<String>,
+    peer: Option<pingora::lb::Backend>,
+    retried: bool,
     body_bytes: u64,
     in_flight: bool,
 }
@@ -165,6 +167,8 @@ impl ProxyHttp for Edge {
             upstream_started: None,
             upstream_ms: None,
             origin: None,
+            peer: None,
+            retried: false,
             body_bytes: 0,
             in_flight: false,
         }
@@ -317,6 +321,7 @@ impl ProxyHttp for Edge {
             ));
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy peer");
         };
+        ctx.peer = Some(backend.clone());
         let mut peer = HttpPeer::new(backend, false, String::new());
         peer.options.connection_timeout = Some(pool.connect_timeout);
         peer.options.read_timeout = Some(pool.read_timeout);
@@ -329,17 +334,22 @@ impl ProxyHttp for Edge {
         &self,
         session: &mut Session,
         _peer: &HttpPeer,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // One retry on another peer, for methods that are safe to repeat.
+        // Passive ejection: a peer that refuses connections leaves the rotation for a while.
+        if let (Some(peer), Some(route)) = (ctx.peer.take(), &ctx.route)
+            && let Some(pool) = ctx.built.pools.get(&route.upstream)
+        {
+            pool.eject(&peer);
+        }
+        // One retry, on the next peer, for methods that are safe to repeat.
         let idempotent = matches!(
             session.req_header().method.as_str(),
             "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"
         );
-        if idempotent {
-            e.set_retry(true);
-        }
+        e.set_retry(idempotent && !ctx.retried);
+        ctx.retried = true;
         e
     }
 

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use pingora::lb::LoadBalancer;
 use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
 use pingora::lb::selection::RoundRobin;
+use pingora::lb::{Backend, LoadBalancer};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
@@ -32,6 +32,7 @@ pub struct Pool {
     /// Per-write timeout.
     pub write_timeout: Duration,
     next_check: std::sync::Mutex<Instant>,
+    ejected: std::sync::Mutex<Vec<(Backend, Instant)>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -80,6 +81,7 @@ impl Pool {
             read_timeout: Duration::from_millis(config.read_timeout_ms),
             write_timeout: Duration::from_millis(config.write_timeout_ms),
             next_check: std::sync::Mutex::new(Instant::now()),
+            ejected: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -87,6 +89,33 @@ impl Pool {
     pub fn has_healthy_peer(&self) -> bool {
         let backends = self.lb.backends();
         backends.get_backend().iter().any(|b| backends.ready(b))
+    }
+
+    /// Takes `peer` out of rotation for `eject_on_connect_failure_secs` (passive ejection); the
+    /// health-check service puts it back when the time is up.
+    pub fn eject(&self, peer: &Backend) {
+        let secs = self.config.eject_on_connect_failure_secs;
+        if secs == 0 {
+            return;
+        }
+        self.lb.backends().set_enable(peer, false);
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
+        ejected.retain(|(b, _)| b != peer);
+        ejected.push((peer.clone(), until));
+        tracing::warn!(peer = %peer.addr, secs, "upstream peer ejected after a connect failure");
+    }
+
+    /// Puts back the peers whose ejection is over.
+    fn readmit(&self, now: Instant) {
+        let mut ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
+        ejected.retain(|(peer, until)| {
+            let over = *until <= now;
+            if over {
+                self.lb.backends().set_enable(peer, true);
+            }
+            !over
+        });
     }
 
     /// Runs the health check if its interval has passed.
@@ -117,6 +146,7 @@ impl BackgroundService for HealthChecks {
             let built = self.0.load_full();
             let now = Instant::now();
             for pool in built.pools.values() {
+                pool.readmit(now);
                 pool.check_if_due(now).await;
             }
         }

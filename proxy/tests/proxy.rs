@@ -1115,3 +1115,44 @@ async fn the_admin_listener_serves_process_metrics_health_and_readiness() {
         404
     );
 }
+
+const HALF_DEAD: &str = r#"
+[upstreams.pair]
+addrs = ["{dead}", "{upstream}"]
+health_check = { kind = "tcp", interval_ms = 600000, unhealthy_after = 5 }
+eject_on_connect_failure_secs = 60
+
+[[routes]]
+name = "pair"
+path_prefix = "/"
+upstream = "pair"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_once_and_its_peer_ejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(HALF_DEAD, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    for i in 0..4 {
+        let r = c
+            .get(format!("{}/get/{i}", edge.http))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "GET {i}: a connect failure is retried on the other peer"
+        );
+    }
+    // POSTs are not retried: they all succeed only because the dead peer was ejected.
+    for i in 0..4 {
+        let r = c
+            .post(format!("{}/post/{i}", edge.http))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "POST {i} went to an ejected peer");
+    }
+}
