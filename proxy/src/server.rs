@@ -51,6 +51,7 @@ pub struct Ctx {
     origin: Option<String>,
     peer: Option<pingora::lb::Backend>,
     retried: bool,
+    pending: Option<Rejection>,
     body_bytes: u64,
     in_flight: bool,
 }
@@ -169,6 +170,7 @@ impl ProxyHttp for Edge {
             origin: None,
             peer: None,
             retried: false,
+            pending: None,
             body_bytes: 0,
             in_flight: false,
         }
@@ -286,20 +288,13 @@ impl ProxyHttp for Edge {
         let chunk = body.as_deref().unwrap_or_default();
         ctx.body_bytes += chunk.len() as u64;
         if ctx.body_bytes > route.max_body_bytes {
-            let r = body_too_large();
-            ctx.req.reject(&r);
-            return Error::e_explain(
-                ErrorType::HTTPStatus(413),
-                "request body over the route's limit",
-            );
+            return defer(ctx, body_too_large());
         }
         if let Some(r) = route
             .pipeline
             .on_request_body(chunk, end_of_stream, &mut ctx.req)
         {
-            let status = r.status.as_u16();
-            ctx.req.reject(&r);
-            return Error::e_explain(ErrorType::HTTPStatus(status), "rejected by a body filter");
+            return defer(ctx, r);
         }
         Ok(())
     }
@@ -313,13 +308,13 @@ impl ProxyHttp for Edge {
             Error::explain(ErrorType::InternalError, "route names an unknown upstream")
         })?;
         let Some(backend) = pool.lb.select(b"", 256) else {
-            ctx.req.reject(&Rejection::new(
+            let r = Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream",
                 "no_healthy_upstream",
                 "no healthy upstream can serve this request",
-            ));
-            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy peer");
+            );
+            return defer(ctx, r);
         };
         ctx.peer = Some(backend.clone());
         let mut peer = HttpPeer::new(backend, false, String::new());
@@ -452,14 +447,9 @@ impl ProxyHttp for Edge {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let rejection = match (ctx.req.decision, e.etype()) {
-            // A filter or limit already decided; say what it decided.
-            (Decision::Reject, ErrorType::HTTPStatus(code)) => Some(Rejection::new(
-                StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_REQUEST),
-                ctx.req.stage.unwrap_or("proxy"),
-                ctx.req.reason.unwrap_or("rejected"),
-                "the request was rejected",
-            )),
+        let rejection = match (ctx.pending.take(), e.etype()) {
+            // A filter, limit or the peer choice already decided; answer what it decided.
+            (Some(r), _) => Some(r),
             (
                 _,
                 ErrorType::ConnectTimedout
@@ -607,6 +597,15 @@ impl ProxyHttp for Edge {
             user_agent,
         });
     }
+}
+
+/// Records `r` as the answer and fails the proxy attempt with its status, so `fail_to_proxy`
+/// writes it (for phases that cannot write a response themselves).
+fn defer<T>(ctx: &mut Ctx, r: Rejection) -> Result<T> {
+    let code = r.status.as_u16();
+    ctx.req.reject(&r);
+    ctx.pending = Some(r);
+    Error::e_explain(ErrorType::HTTPStatus(code), "decided by the edge")
 }
 
 fn body_too_large() -> Rejection {

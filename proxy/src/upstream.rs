@@ -92,10 +92,17 @@ impl Pool {
     }
 
     /// Takes `peer` out of rotation for `eject_on_connect_failure_secs` (passive ejection); the
-    /// health-check service puts it back when the time is up.
+    /// health-check service puts it back when the time is up. The last peer in rotation is never
+    /// ejected: a pool answers "connect failed" rather than "no peer".
     pub fn eject(&self, peer: &Backend) {
         let secs = self.config.eject_on_connect_failure_secs;
-        if secs == 0 {
+        let backends = self.lb.backends();
+        let others_ready = backends
+            .get_backend()
+            .iter()
+            .filter(|b| *b != peer && backends.ready(b))
+            .count();
+        if secs == 0 || others_ready == 0 {
             return;
         }
         self.lb.backends().set_enable(peer, false);
