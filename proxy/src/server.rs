@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -285,6 +285,9 @@ impl ProxyHttp for Edge {
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
+        if let Some(r) = past_deadline(ctx, StatusCode::REQUEST_TIMEOUT) {
+            return defer(ctx, r);
+        }
         let chunk = body.as_deref().unwrap_or_default();
         ctx.body_bytes += chunk.len() as u64;
         if ctx.body_bytes > route.max_body_bytes {
@@ -319,8 +322,11 @@ impl ProxyHttp for Edge {
         ctx.peer = Some(backend.clone());
         let mut peer = HttpPeer::new(backend, false, String::new());
         peer.options.connection_timeout = Some(pool.connect_timeout);
-        peer.options.read_timeout = Some(pool.read_timeout);
-        peer.options.write_timeout = Some(pool.write_timeout);
+        // The upstream gets what is left of the request's total time, at most its own timeouts.
+        let left = Duration::from_millis(ctx.built.config.limits.request_timeout_ms)
+            .saturating_sub(ctx.started.elapsed());
+        peer.options.read_timeout = Some(pool.read_timeout.min(left));
+        peer.options.write_timeout = Some(pool.write_timeout.min(left));
         ctx.upstream_started = Some(Instant::now());
         Ok(Box::new(peer))
     }
@@ -387,6 +393,24 @@ impl ProxyHttp for Edge {
             up.insert_header("x-vigil-subject", subject.as_str())?;
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        // A response still streaming past the request's total time is cut off.
+        if let Some(r) = past_deadline(ctx, StatusCode::GATEWAY_TIMEOUT) {
+            ctx.req.reject(&r);
+            return Error::e_explain(
+                ErrorType::WriteTimedout,
+                "limits.request_timeout_ms passed while streaming the response",
+            );
+        }
+        Ok(None)
     }
 
     async fn upstream_response_filter(
@@ -465,12 +489,16 @@ impl ProxyHttp for Edge {
             (_, ErrorType::ReadTimedout | ErrorType::WriteTimedout)
                 if e.esource() == &ErrorSource::Upstream =>
             {
-                Some(Rejection::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream",
-                    "timeout",
-                    "the upstream did not answer in time",
-                ))
+                Some(
+                    past_deadline(ctx, StatusCode::GATEWAY_TIMEOUT).unwrap_or_else(|| {
+                        Rejection::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream",
+                            "timeout",
+                            "the upstream did not answer in time",
+                        )
+                    }),
+                )
             }
             (_, _) if e.esource() == &ErrorSource::Upstream => Some(Rejection::new(
                 StatusCode::BAD_GATEWAY,
@@ -597,6 +625,19 @@ impl ProxyHttp for Edge {
             user_agent,
         });
     }
+}
+
+/// The rejection for a request past `limits.request_timeout_ms`, if it is.
+fn past_deadline(ctx: &Ctx, status: StatusCode) -> Option<Rejection> {
+    let limit = Duration::from_millis(ctx.built.config.limits.request_timeout_ms);
+    (ctx.started.elapsed() > limit).then(|| {
+        Rejection::new(
+            status,
+            "limits",
+            "request_timeout",
+            "the request took longer than the edge allows",
+        )
+    })
 }
 
 /// Records `r` as the answer and fails the proxy attempt with its status, so `fail_to_proxy`

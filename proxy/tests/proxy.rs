@@ -1156,3 +1156,26 @@ async fn a_refused_connection_is_retried_once_and_its_peer_ejected() {
         assert_eq!(r.status(), 200, "POST {i} went to an ejected peer");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_total_time_is_answered_504_by_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("[limits]\nrequest_timeout_ms = 300\n{PATIENT}");
+    let edge = Edge::start(&toml, upstream().await, dir.path(), false).await;
+    let started = std::time::Instant::now();
+    let r = reqwest::get(format!("{}/patient/slow", edge.http))
+        .await
+        .unwrap();
+    assert_rejection(&json(r).await, 504, "limits", "request_timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(700),
+        "answered at the deadline, not when the upstream was done"
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/patient/fast", edge.http))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
