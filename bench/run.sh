@@ -35,7 +35,7 @@ cleanup() {
   wait 2>/dev/null || true
   rm -rf "$work"
 }
-trap cleanup EXIT
+trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
 up=$(free_port); ngx=$(free_port); flo=$(free_port); s1=$(free_port); s2=$(free_port); adm=$(free_port)
@@ -110,7 +110,7 @@ latency() { # TARGET -> "p50_ms p99_ms" from oha at a fixed rate, or "- -"
   command -v oha >/dev/null || { echo "- -"; return; }
   taskset -c "$LOAD_CPU" oha --no-tui --insecure -z "${DURATION}s" -q "$RATE" --latency-correction -c "$CONNECTIONS" \
     --output-format json "${URL[$1]}" 2>/dev/null |
-    python3 -c 'import json,sys; p=json.load(sys.stdin)["latencyPercentiles"]; print(f"{p[\"p50\"]*1000:.3f} {p[\"p99\"]*1000:.3f}")'
+    python3 -c 'import json, sys; p = json.load(sys.stdin)["latencyPercentiles"]; print("%.3f %.3f" % (p["p50"] * 1000, p["p99"] * 1000))'
 }
 
 targets=(S0 floor nginx S1 S2)

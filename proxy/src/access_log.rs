@@ -4,14 +4,16 @@
 //! in: no query string, no header but the user agent, no token, cookie or body.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
 
 /// Where access-log lines go.
 #[derive(Debug, Clone, Default)]
 pub enum Sink {
-    /// Standard output (what promtail reads).
+    /// Standard output (what promtail reads), through one writer thread that batches writes;
+    /// a full queue (65 536 lines) makes requests wait rather than lose lines.
     #[default]
     Stdout,
     /// A shared buffer (tests).
@@ -78,12 +80,67 @@ impl Sink {
         bytes.push(b'\n');
         match self {
             Sink::Stdout => {
-                let _ = std::io::stdout().lock().write_all(&bytes);
+                let _ = stdout_writer().send(bytes);
             }
             Sink::Memory(buf) => buf
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend_from_slice(&bytes),
         }
+    }
+}
+
+/// The one thread that writes access-log lines to stdout: it drains what is queued, then flushes.
+fn stdout_writer() -> &'static SyncSender<Vec<u8>> {
+    static WRITER: OnceLock<SyncSender<Vec<u8>>> = OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (tx, rx) = sync_channel::<Vec<u8>>(65_536);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(&rx, std::io::stdout()))
+            .expect("the access-log thread starts");
+        tx
+    })
+}
+
+fn write_lines(rx: &Receiver<Vec<u8>>, out: impl Write) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(line) = rx.recv() {
+        let _ = out.write_all(&line);
+        while let Ok(more) = rx.try_recv() {
+            let _ = out.write_all(&more);
+        }
+        let _ = out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_writer_drains_and_flushes_every_line() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let writer = {
+            let out = Shared(out.clone());
+            std::thread::spawn(move || super::write_lines(&rx, out))
+        };
+        for i in 0..10 {
+            tx.send(format!("line {i}\n").into_bytes()).unwrap();
+        }
+        drop(tx);
+        writer.join().unwrap();
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 10);
+        assert!(text.ends_with("line 9\n"));
     }
 }
