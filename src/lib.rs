@@ -30,29 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the whole stack with embedded defaults (SQLite, generated keys) until Ctrl-C.
-    Up {
-        /// Where the database and keys live; created if missing.
-        #[arg(long, default_value = "data")]
-        data_dir: PathBuf,
-        /// The proxy's HTTPS listener.
-        #[arg(long, default_value = "0.0.0.0:8443")]
-        https: SocketAddr,
-        /// The proxy's HTTP listener (redirects to HTTPS).
-        #[arg(long, default_value = "0.0.0.0:8080")]
-        http: SocketAddr,
-        /// The proxy's admin listener (metrics, health).
-        #[arg(long, default_value = "127.0.0.1:9901")]
-        proxy_admin: SocketAddr,
-        /// The auth API address.
-        #[arg(long, default_value = "127.0.0.1:3000")]
-        auth_listen: SocketAddr,
-        /// The auth admin (metrics) address.
-        #[arg(long, default_value = "127.0.0.1:9902")]
-        auth_admin: SocketAddr,
-        /// Seconds the proxy keeps serving in-flight requests after Ctrl-C or SIGTERM.
-        #[arg(long, default_value_t = 1)]
-        grace_period_secs: u64,
-    },
+    Up(UpOptions),
     /// The edge proxy (SIGHUP reloads, SIGTERM drains, SIGQUIT hands over to an upgraded process).
     Proxy {
         /// proxy.toml
@@ -129,26 +107,7 @@ where
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up {
-            data_dir,
-            https,
-            http,
-            proxy_admin,
-            auth_listen,
-            auth_admin,
-            grace_period_secs,
-        } => {
-            let opts = UpOptions {
-                data_dir,
-                https,
-                http,
-                proxy_admin,
-                auth_listen,
-                auth_admin,
-                grace_period_secs,
-            };
-            runtime()?.block_on(up(opts))
-        }
+        Command::Up(opts) => runtime()?.block_on(up(opts)),
         Command::Proxy {
             config,
             upgrade,
@@ -204,21 +163,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// What `vigil up` runs: every role with embedded defaults, state under `data_dir`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct UpOptions {
     /// Where the SQLite database, the signing keys and the generated certificate live.
+    #[arg(long, default_value = "data")]
     pub data_dir: PathBuf,
     /// The proxy's HTTPS listener.
+    #[arg(long, default_value = "0.0.0.0:8443")]
     pub https: SocketAddr,
     /// The proxy's HTTP listener (redirects to HTTPS).
+    #[arg(long, default_value = "0.0.0.0:8080")]
     pub http: SocketAddr,
-    /// The proxy's admin listener.
+    /// The proxy's admin listener (metrics, health).
+    #[arg(long, default_value = "127.0.0.1:9901")]
     pub proxy_admin: SocketAddr,
     /// The auth API address (port 0 picks one: only the proxy talks to it).
+    #[arg(long, default_value = "127.0.0.1:3000")]
     pub auth_listen: SocketAddr,
-    /// The auth admin address (port 0 picks one).
+    /// The auth admin (metrics) address.
+    #[arg(long, default_value = "127.0.0.1:9902")]
     pub auth_admin: SocketAddr,
-    /// How long the proxy keeps serving in-flight requests after the stop.
+    /// Seconds the proxy keeps serving in-flight requests after Ctrl-C or SIGTERM.
+    #[arg(long, default_value_t = 1)]
     pub grace_period_secs: u64,
 }
 
