@@ -18,7 +18,8 @@ work=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 api=$(free_port); admin=$(free_port)
 RUST_LOG=warn target/release/vigil up --data-dir "$work/data" --auth-listen "127.0.0.1:$api" \
-  --auth-admin "127.0.0.1:$admin" >"$work/vigil.log" 2>&1 &
+  --auth-admin "127.0.0.1:$admin" --https "127.0.0.1:$(free_port)" --http "127.0.0.1:$(free_port)" \
+  --proxy-admin "127.0.0.1:$(free_port)" >"$work/vigil.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do curl -sf "127.0.0.1:$api/ready" >/dev/null && break; sleep 0.1; done

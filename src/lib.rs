@@ -29,7 +29,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the whole stack with embedded defaults (SQLite, generated keys) until Ctrl-C.
+    /// Run the whole stack with embedded defaults (SQLite, generated keys and certificate) until Ctrl-C.
     Up(UpOptions),
     /// The edge proxy (SIGHUP reloads, SIGTERM drains, SIGQUIT hands over to an upgraded process).
     Proxy {
