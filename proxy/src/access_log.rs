@@ -4,16 +4,18 @@
 //! in: no query string, no header but the user agent, no token, cookie or body.
 
 use std::io::Write;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use serde::Serialize;
 
 /// Where access-log lines go.
 #[derive(Debug, Clone, Default)]
 pub enum Sink {
-    /// Standard output (what promtail reads), through one writer thread that batches writes;
-    /// a full queue (65 536 lines) makes requests wait rather than lose lines.
+    /// Standard output (what promtail reads). Lines gather in a buffer that a flusher thread
+    /// writes out every 100 ms, or at once past 64 KiB, like nginx's `access_log … buffer=
+    /// flush=`: no system call and no thread wake-up on the request path. [`flush`] writes what
+    /// is left at shutdown.
     #[default]
     Stdout,
     /// A shared buffer (tests).
@@ -80,7 +82,11 @@ impl Sink {
         bytes.push(b'\n');
         match self {
             Sink::Stdout => {
-                let _ = stdout_writer().send(bytes);
+                let mut buf = stdout_buffer().lock().unwrap_or_else(|p| p.into_inner());
+                buf.extend_from_slice(&bytes);
+                if buf.len() >= FLUSH_AT_BYTES {
+                    write_out(&mut buf);
+                }
             }
             Sink::Memory(buf) => buf
                 .lock()
@@ -90,57 +96,37 @@ impl Sink {
     }
 }
 
-/// The one thread that writes access-log lines to stdout: it drains what is queued, then flushes.
-fn stdout_writer() -> &'static SyncSender<Vec<u8>> {
-    static WRITER: OnceLock<SyncSender<Vec<u8>>> = OnceLock::new();
-    WRITER.get_or_init(|| {
-        let (tx, rx) = sync_channel::<Vec<u8>>(65_536);
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_lines(&rx, std::io::stdout()))
-            .expect("the access-log thread starts");
-        tx
+const FLUSH_AT_BYTES: usize = 64 * 1024;
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// The stdout buffer, and the thread that flushes it every [`FLUSH_EVERY`].
+fn stdout_buffer() -> &'static Mutex<Vec<u8>> {
+    static BUFFER: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    BUFFER.get_or_init(|| {
+        let spawned = std::thread::Builder::new().name("access-log".into()).spawn(|| {
+            loop {
+                std::thread::sleep(FLUSH_EVERY);
+                flush();
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "the access-log flusher did not start; lines are written as the buffer fills");
+        }
+        Mutex::new(Vec::with_capacity(FLUSH_AT_BYTES * 2))
     })
 }
 
-fn write_lines(rx: &Receiver<Vec<u8>>, out: impl Write) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(&line);
-        while let Ok(more) = rx.try_recv() {
-            let _ = out.write_all(&more);
-        }
-        let _ = out.flush();
-    }
+/// Writes the buffered access-log lines to stdout now (at shutdown, and every 100 ms).
+pub fn flush() {
+    let mut buf = stdout_buffer().lock().unwrap_or_else(|p| p.into_inner());
+    write_out(&mut buf);
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_writer_drains_and_flushes_every_line() {
-        let (tx, rx) = std::sync::mpsc::sync_channel(4);
-        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Shared {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let writer = {
-            let out = Shared(out.clone());
-            std::thread::spawn(move || super::write_lines(&rx, out))
-        };
-        for i in 0..10 {
-            tx.send(format!("line {i}\n").into_bytes()).unwrap();
-        }
-        drop(tx);
-        writer.join().unwrap();
-        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-        assert_eq!(text.lines().count(), 10);
-        assert!(text.ends_with("line 9\n"));
+fn write_out(buf: &mut Vec<u8>) {
+    if buf.is_empty() {
+        return;
     }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(buf).and_then(|()| out.flush());
+    buf.clear();
 }

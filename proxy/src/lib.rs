@@ -303,6 +303,8 @@ impl Proxy {
         self.server.run(RunArgs {
             shutdown_signal: shutdown,
         });
+        // What the access log still holds goes out before the process ends.
+        access_log::flush();
     }
 }
 
