@@ -187,9 +187,9 @@ impl ProxyHttp for Edge {
         }
     }
 
+    /// `new_ctx` runs once the request head is read: `ctx.started` and the config snapshot
+    /// `ctx.built` are already this request's.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.started = Instant::now();
-        ctx.built = self.built.load_full();
         self.metrics.requests_in_flight.inc();
         ctx.in_flight = true;
         let built = ctx.built.clone();
