@@ -646,6 +646,12 @@ impl Config {
             if r.max_body_bytes == Some(0) {
                 errors.push(key("max_body_bytes"), "must be at least 1");
             }
+            if http::HeaderValue::from_str(&r.security_headers.referrer_policy).is_err() {
+                errors.push(
+                    key("security_headers.referrer_policy"),
+                    "is not a valid header value",
+                );
+            }
             if r.compression_level.is_some_and(|l| !(1..=9).contains(&l)) {
                 errors.push(key("compression_level"), "must be between 1 and 9");
             }
@@ -797,6 +803,12 @@ mod tests {
             all.contains(
                 "routes[1].path_prefix: an earlier route matches the same host and prefix"
             ),
+            "{all}"
+        );
+        let bad = "[upstreams.u]\naddrs = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"u\"\nsecurity_headers = { referrer_policy = \"no\\nway\" }\n";
+        let all = parse(bad, "p.toml").unwrap_err().errors.join("\n");
+        assert!(
+            all.contains("routes[0].security_headers.referrer_policy: is not a valid header value"),
             "{all}"
         );
     }

@@ -90,13 +90,15 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
     let routes = config
         .routes
         .iter()
-        .map(|r| RouteEntry {
+        .map(|r| (r, routing::security_headers(&r.security_headers)))
+        .map(|(r, (security_headers, hsts))| RouteEntry {
             name: r.name.clone(),
             host: r.host.as_deref().map(routing::normalize_host),
             path_prefix: r.path_prefix.clone(),
             upstream: r.upstream.clone(),
             max_body_bytes: r.max_body_bytes.unwrap_or(config.limits.max_body_bytes),
-            security_headers: r.security_headers.clone(),
+            security_headers,
+            hsts,
             cors: r.cors.clone(),
             compression_level: r.compression_level,
             pipeline: Pipeline::new(

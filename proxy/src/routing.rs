@@ -20,8 +20,10 @@ pub struct RouteEntry {
     pub max_body_bytes: u64,
     /// The route's filters.
     pub pipeline: Pipeline,
-    /// The route's response security headers.
-    pub security_headers: crate::config::SecurityHeaders,
+    /// The route's response security headers, ready to insert (HSTS apart: HTTPS only).
+    pub security_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `Strict-Transport-Security`, for responses over HTTPS.
+    pub hsts: Option<http::HeaderValue>,
     /// The route's CORS policy.
     pub cors: Option<crate::config::Cors>,
     /// Response compression level, if on.
@@ -76,6 +78,52 @@ impl RouteTable {
     }
 }
 
+/// The header values a route's `security_headers` config stands for, computed once when the
+/// route is built rather than on every response. `referrer_policy` was checked at load.
+pub fn security_headers(
+    h: &crate::config::SecurityHeaders,
+) -> (
+    Vec<(http::HeaderName, http::HeaderValue)>,
+    Option<http::HeaderValue>,
+) {
+    use crate::config::FrameOptions;
+    use http::{HeaderValue, header};
+    let mut out = Vec::new();
+    if h.nosniff {
+        out.push((
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ));
+    }
+    let frames = match h.frame_options {
+        FrameOptions::Deny => Some(("DENY", "frame-ancestors 'none'")),
+        FrameOptions::Sameorigin => Some(("SAMEORIGIN", "frame-ancestors 'self'")),
+        FrameOptions::Off => None,
+    };
+    if let Some((xfo, csp)) = frames {
+        out.push((header::X_FRAME_OPTIONS, HeaderValue::from_static(xfo)));
+        out.push((
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(csp),
+        ));
+    }
+    out.extend(
+        HeaderValue::from_str(&h.referrer_policy)
+            .ok()
+            .map(|v| (header::REFERRER_POLICY, v)),
+    );
+    let hsts = (h.hsts_max_age_secs > 0)
+        .then(|| {
+            HeaderValue::from_str(&format!(
+                "max-age={}; includeSubDomains",
+                h.hsts_max_age_secs
+            ))
+            .ok()
+        })
+        .flatten();
+    (out, hsts)
+}
+
 /// `Example.COM:8443` → `example.com`; `[::1]:8443` → `[::1]`; a trailing dot is dropped.
 pub fn normalize_host(host: &str) -> String {
     let host = if host.starts_with('[') {
@@ -104,7 +152,8 @@ mod tests {
             upstream: "u".into(),
             max_body_bytes: 1,
             pipeline: Pipeline::default(),
-            security_headers: Default::default(),
+            security_headers: Vec::new(),
+            hsts: None,
             cors: None,
             compression_level: None,
         }
@@ -163,6 +212,34 @@ mod tests {
         let t = RouteTable::new(vec![route("auth", None, "/auth/")]);
         assert!(t.find(None, "/content").is_none());
         assert!(t.find(Some("x"), "/").is_none());
+    }
+
+    #[test]
+    fn security_headers_are_computed_once_from_the_config() {
+        let (headers, hsts) = security_headers(&crate::config::SecurityHeaders::default());
+        let names: Vec<_> = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "x-content-type-options: nosniff",
+                "x-frame-options: DENY",
+                "content-security-policy: frame-ancestors 'none'",
+                "referrer-policy: strict-origin-when-cross-origin",
+            ]
+        );
+        assert_eq!(hsts.unwrap(), "max-age=31536000; includeSubDomains");
+        let off = crate::config::SecurityHeaders {
+            hsts_max_age_secs: 0,
+            frame_options: crate::config::FrameOptions::Off,
+            nosniff: false,
+            ..Default::default()
+        };
+        let (headers, hsts) = security_headers(&off);
+        assert_eq!(headers.len(), 1, "only the referrer policy is left");
+        assert!(hsts.is_none());
     }
 
     #[test]

@@ -445,29 +445,13 @@ impl ProxyHttp for Edge {
         resp.insert_header("x-request-id", ctx.req.request_id.as_str())?;
         resp.insert_header(header::SERVER, "vigil")?;
         if let Some(route) = &ctx.route {
-            let h = &route.security_headers;
-            if self.tls && h.hsts_max_age_secs > 0 {
-                resp.insert_header(
-                    header::STRICT_TRANSPORT_SECURITY,
-                    format!("max-age={}; includeSubDomains", h.hsts_max_age_secs),
-                )?;
+            if self.tls
+                && let Some(hsts) = &route.hsts
+            {
+                resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
             }
-            if h.nosniff {
-                resp.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")?;
-            }
-            match h.frame_options {
-                crate::config::FrameOptions::Deny => {
-                    resp.insert_header(header::X_FRAME_OPTIONS, "DENY")?;
-                    resp.insert_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'")?;
-                }
-                crate::config::FrameOptions::Sameorigin => {
-                    resp.insert_header(header::X_FRAME_OPTIONS, "SAMEORIGIN")?;
-                    resp.insert_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'self'")?;
-                }
-                crate::config::FrameOptions::Off => {}
-            }
-            if let Ok(v) = HeaderValue::from_str(&h.referrer_policy) {
-                resp.insert_header(header::REFERRER_POLICY, v)?;
+            for (k, v) in &route.security_headers {
+                resp.insert_header(k.clone(), v.clone())?;
             }
             if let (Some(cors), Some(origin)) = (&route.cors, &ctx.origin) {
                 for (k, v) in crate::cors::response_headers(cors, origin) {
