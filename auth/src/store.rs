@@ -200,13 +200,8 @@ pub async fn authenticated_user(
     now: i64,
 ) -> sqlx::Result<Option<User>> {
     let sql = format!(
-        "SELECT {} FROM users u JOIN sessions s ON s.user_id = u.id \
-         WHERE u.id = $1 AND s.id = $2 AND u.disabled_at IS NULL AND s.revoked_at IS NULL AND s.expires_at > $3",
-        USER_COLUMNS
-            .split(", ")
-            .map(|c| format!("u.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "SELECT {USER_COLUMNS} FROM users WHERE id = $1 AND disabled_at IS NULL AND EXISTS \
+         (SELECT 1 FROM sessions WHERE id = $2 AND user_id = $1 AND revoked_at IS NULL AND expires_at > $3)"
     );
     let user: Option<User> = sqlx::query_as(&sql)
         .bind(user_id)
