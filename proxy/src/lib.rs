@@ -224,9 +224,10 @@ impl Proxy {
         let mut certs = None;
         if let Some(addr) = listen.https {
             let cfg = built.load();
-            let pairs = match cfg.config.tls.certs.is_empty() {
-                true => vec![tls::self_signed(&cfg.config.tls.generated_dir)?],
-                false => cfg.config.tls.certs.clone(),
+            let pairs = if cfg.config.tls.certs.is_empty() {
+                vec![tls::self_signed(&cfg.config.tls.generated_dir)?]
+            } else {
+                cfg.config.tls.certs.clone()
             };
             let resolver = Arc::new(tls::Resolver::new(pairs, metrics.clone())?);
             let mut settings = pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(
@@ -262,22 +263,16 @@ impl Proxy {
                 services.push(Box::new(svc));
             }
         }
-        let mut admin = Listening::new(
-            "admin".into(),
-            admin::Admin {
-                metrics: metrics.clone(),
-                built: built.clone(),
-            },
-        );
         if let Some(path) = &opts.config_path {
-            let reloader = reload::Reloader {
-                path: path.clone(),
-                built: built.clone(),
-                metrics: metrics.clone(),
-            };
+            let reloader = reload::Reloader::new(path, &built, &metrics);
             let on_hup = reload::OnSighup::new(reloader).map_err(StartError::Signal)?;
             services.push(Box::new(background_service("sighup reload", on_hup)));
         }
+        let admin_app = admin::Admin {
+            metrics: metrics.clone(),
+            built: built.clone(),
+        };
+        let mut admin = Listening::new("admin".into(), admin_app);
         admin.add_tcp(&listen.admin.to_string());
         admin.threads = Some(1);
         services.push(Box::new(admin));
@@ -292,11 +287,7 @@ impl Proxy {
 
     /// A reloader of `path` into this proxy: what SIGHUP runs.
     pub fn reloader(&self, path: &Path) -> reload::Reloader {
-        reload::Reloader {
-            path: path.to_owned(),
-            built: self.built.clone(),
-            metrics: self.metrics.clone(),
-        }
+        reload::Reloader::new(path, &self.built, &self.metrics)
     }
 
     /// Serves until `shutdown` says stop, then drains. Blocks; must not be called inside a tokio

@@ -29,6 +29,15 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// A reloader of `path` into the config in force `built`.
+    pub fn new(path: &std::path::Path, built: &Arc<ArcSwap<Built>>, metrics: &Metrics) -> Self {
+        Self {
+            path: path.to_owned(),
+            built: built.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+
     /// Loads the file and, if it is good, swaps it in.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let current = self.built.load_full();
