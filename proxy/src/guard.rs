@@ -90,23 +90,23 @@ impl HeaderDeadline {
 
 impl AsyncRead for HeaderDeadline {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.deadline.is_none() {
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.deadline.is_none() {
             return polled;
         }
         if let Poll::Ready(Ok(())) = polled {
-            let new = buf.filled()[before..].to_vec();
-            if ends_header(&mut self.tail, &new) {
-                self.deadline = None;
+            if ends_header(&mut this.tail, &buf.filled()[before..]) {
+                this.deadline = None;
             }
             return Poll::Ready(Ok(()));
         }
-        if let Some(deadline) = self.deadline.as_mut()
+        if let Some(deadline) = this.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Err(std::io::Error::new(
@@ -209,12 +209,21 @@ impl Peek for HeaderDeadline {
 /// Whether `new` completes a request header (`\r\n\r\n`), given the last three bytes read
 /// before it in `tail` (updated).
 fn ends_header(tail: &mut [u8; 3], new: &[u8]) -> bool {
-    let mut window = Vec::with_capacity(3 + new.len());
-    window.extend_from_slice(tail.as_slice());
-    window.extend_from_slice(new);
-    let found = window.windows(4).any(|w| w == b"\r\n\r\n");
-    let keep = window.len() - 3;
-    tail.copy_from_slice(&window[keep..]);
+    const END: &[u8; 4] = b"\r\n\r\n";
+    // The terminator may straddle two reads: look at the seam (the kept bytes and the first
+    // three new ones), then inside the new bytes. No allocation.
+    let head = new.len().min(3);
+    let mut seam = [0u8; 6];
+    seam[..3].copy_from_slice(tail);
+    seam[3..3 + head].copy_from_slice(&new[..head]);
+    let found = seam[..3 + head].windows(4).any(|w| w == END) || new.windows(4).any(|w| w == END);
+    // Keep the last three bytes seen.
+    if new.len() >= 3 {
+        tail.copy_from_slice(&new[new.len() - 3..]);
+    } else {
+        tail.rotate_left(new.len());
+        tail[3 - new.len()..].copy_from_slice(new);
+    }
     found
 }
 
