@@ -186,6 +186,24 @@ pub struct UpOptions {
     /// Seconds the proxy keeps serving in-flight requests after Ctrl-C or SIGTERM.
     #[arg(long, default_value_t = 1)]
     pub grace_period_secs: u64,
+    /// Where the proxy's access log goes (stdout; tests keep it in memory).
+    #[arg(skip)]
+    pub access_log: proxy::access_log::Sink,
+}
+
+impl UpOptions {
+    /// The auth service's config: the defaults with state under `data_dir`.
+    pub fn auth_config(&self) -> auth::Config {
+        let mut config = auth::Config::default();
+        config.listen.api = self.auth_listen;
+        config.listen.admin = self.auth_admin;
+        config.database.url = Some(format!(
+            "sqlite://{}",
+            self.data_dir.join("vigil.db").display()
+        ));
+        config.tokens.keys_path = self.data_dir.join("keys/signing.json");
+        config
+    }
 }
 
 /// The whole stack, built and bound: what `vigil up` runs and the e2e harness starts.
@@ -201,15 +219,7 @@ impl Stack {
     /// Opens the state under `opts.data_dir`, binds the auth listeners and builds the proxy in
     /// front of them (its listeners bind when it runs).
     pub async fn bind(opts: &UpOptions) -> anyhow::Result<Self> {
-        let mut config = auth::Config::default();
-        config.listen.api = opts.auth_listen;
-        config.listen.admin = opts.auth_admin;
-        config.database.url = Some(format!(
-            "sqlite://{}",
-            opts.data_dir.join("vigil.db").display()
-        ));
-        config.tokens.keys_path = opts.data_dir.join("keys/signing.json");
-        let auth = auth::Service::bind(config)
+        let auth = auth::Service::bind(opts.auth_config())
             .await
             .with_context(|| format!("starting the auth service on {}", opts.auth_listen))?;
         let toml = include_str!("up-proxy.toml")
@@ -228,6 +238,7 @@ impl Stack {
         let run = proxy::RunOptions {
             upgrade_sock: opts.data_dir.join("upgrade.sock").display().to_string(),
             grace_period_secs: opts.grace_period_secs,
+            access_log: opts.access_log.clone(),
             ..Default::default()
         };
         let proxy = proxy::Proxy::new(built, &run)?;
@@ -306,7 +317,7 @@ impl Stack {
 }
 
 /// Tells Pingora to drain when notified.
-struct NotifyWatch(Arc<tokio::sync::Notify>);
+pub struct NotifyWatch(pub Arc<tokio::sync::Notify>);
 
 #[async_trait::async_trait]
 impl pingora::server::ShutdownSignalWatch for NotifyWatch {

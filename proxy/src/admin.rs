@@ -1,6 +1,6 @@
 //! The admin listener: `/metrics` (the proxy's registry), `/healthz` (the process answers) and
-//! `/readyz` (a config is loaded and every upstream has a healthy peer). Loopback by default;
-//! never on a public listener.
+//! `/readyz` (a config is loaded, every upstream has a healthy peer and every JWKS has loaded
+//! once). Loopback by default; never on a public listener.
 
 use std::sync::Arc;
 
@@ -44,14 +44,21 @@ impl ServeHttp for Admin {
                     .filter(|(_, p)| !p.has_healthy_peer())
                     .map(|(name, _)| name.as_str())
                     .collect();
-                if down.is_empty() {
+                let no_keys: Vec<&str> = built
+                    .jwks
+                    .values()
+                    .filter(|k| k.keys().is_none())
+                    .map(|k| k.settings.url.as_str())
+                    .collect();
+                if down.is_empty() && no_keys.is_empty() {
                     (
                         StatusCode::OK,
                         "application/json",
                         br#"{"status":"ok"}"#.to_vec(),
                     )
                 } else {
-                    let body = serde_json::json!({"status": "not_ready", "upstreams_without_healthy_peers": down});
+                    let body = serde_json::json!({"status": "not_ready",
+                        "upstreams_without_healthy_peers": down, "jwks_not_loaded": no_keys});
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "application/json",

@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 /// The whole `proxy.toml`.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
+    /// The file it came from, for messages.
+    pub origin: String,
     /// `[listen]`
     pub listen: Listen,
     /// `[tls]`
@@ -174,6 +176,8 @@ pub enum Mode {
 pub enum FilterConfig {
     /// Allow and deny lists of client networks.
     Ip(IpFilterConfig),
+    /// JSON Web Token validation.
+    Jwt(Box<JwtFilterConfig>),
 }
 
 impl FilterConfig {
@@ -181,8 +185,137 @@ impl FilterConfig {
     pub fn mode(&self) -> Mode {
         match self {
             FilterConfig::Ip(c) => c.mode,
+            FilterConfig::Jwt(c) => c.mode,
         }
     }
+}
+
+/// `kind = "jwt"`: lets through requests whose token an issuer signed, for an audience of
+/// ours, in its lifetime; tells the upstream who the caller is. Keys come from `jwks_url`,
+/// `key_files` and `hmac_secrets` (at least one). The algorithm is taken from the key, and a
+/// token's `alg` must also be in `algorithms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtFilterConfig {
+    /// The `iss` a token must carry, exactly.
+    pub issuer: String,
+    /// A token's `aud` must name one of these.
+    pub audiences: Vec<String>,
+    /// Algorithms accepted (`EdDSA`, `ES256`, `RS256`, `HS256`, …); never `none`.
+    pub algorithms: Vec<String>,
+    /// The issuer's JWK Set (`http://` or `https://`), fetched in the background.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// How often the JWK Set is fetched again.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+    /// A token naming an unknown `kid` asks for a fetch at once, but at most this often.
+    #[serde(default = "default_jwks_min_refresh")]
+    pub jwks_min_refresh_secs: u64,
+    /// Time allowed for one JWK Set fetch.
+    #[serde(default = "default_jwks_timeout")]
+    pub jwks_timeout_ms: u64,
+    /// Public keys from files: PEM (with an optional `kid`), a JWK or a JWK Set. Reloaded on
+    /// SIGHUP.
+    #[serde(default)]
+    pub key_files: Vec<KeyFileConfig>,
+    /// HMAC secrets, from a file or an environment variable (never inline).
+    #[serde(default)]
+    pub hmac_secrets: Vec<HmacSecretConfig>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Where the token is: `authorization` (`Bearer`), `header:NAME` or `cookie:NAME`.
+    #[serde(default)]
+    pub token_from: TokenFrom,
+    /// Longer tokens are refused before any parsing.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// `true`: a request without a token is refused. `false`: a token is checked when present.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Claims a token must carry with one of the given values (`role = "admin"`,
+    /// `role = ["admin", "ops"]`, `email_verified = true`); a valid token without them gets 403.
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, ClaimValue>,
+    /// Claims sent to the upstream as headers (`sub = "x-vigil-subject"`); the header names
+    /// must start with `x-vigil-`, which the proxy strips from every client request.
+    #[serde(default = "default_forward_claims")]
+    pub forward_claims: BTreeMap<String, String>,
+    /// Verified tokens remembered (by hash) until they expire; 0 turns the cache off.
+    #[serde(default = "default_jwt_cache")]
+    pub cache_max_entries: usize,
+    /// `enforce` or `shadow`.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// One key file of a `jwt` filter.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFileConfig {
+    /// PEM public key, JWK or JWK Set.
+    pub path: PathBuf,
+    /// The `kid` tokens name a PEM key by (JWKs carry their own).
+    #[serde(default)]
+    pub kid: Option<String>,
+}
+
+/// One HMAC secret of a `jwt` filter: exactly one of `file` and `env`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HmacSecretConfig {
+    /// A file holding the secret (its bytes, a trailing newline dropped).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// An environment variable holding the secret.
+    #[serde(default)]
+    pub env: Option<String>,
+    /// The `kid` tokens name it by.
+    #[serde(default)]
+    pub kid: Option<String>,
+}
+
+/// Where a `jwt` filter finds the token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum TokenFrom {
+    /// `Authorization: Bearer TOKEN`.
+    #[default]
+    Authorization,
+    /// A request header holding the token (a `Bearer ` prefix is allowed).
+    Header(http::HeaderName),
+    /// A cookie.
+    Cookie(String),
+}
+
+impl TryFrom<String> for TokenFrom {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected authorization, header:NAME or cookie:NAME");
+        match s.split_once(':') {
+            None if s == "authorization" => Ok(TokenFrom::Authorization),
+            Some(("header", name)) => http::HeaderName::try_from(name)
+                .map(TokenFrom::Header)
+                .map_err(|_| bad()),
+            Some(("cookie", name)) if !name.is_empty() => Ok(TokenFrom::Cookie(name.to_owned())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// The value a required claim must have: one string, any of several, or a boolean or number.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ClaimValue {
+    /// Exactly this string (or, for an array claim, containing it).
+    One(String),
+    /// Any of these strings.
+    AnyOf(Vec<String>),
+    /// This boolean.
+    Bool(bool),
+    /// This integer.
+    Int(i64),
 }
 
 /// `kind = "ip"`: the client address (after `trusted_proxies`) against two lists. A client in
@@ -366,6 +499,27 @@ fn default_referrer_policy() -> String {
 fn yes() -> bool {
     true
 }
+fn default_jwks_refresh() -> u64 {
+    300
+}
+fn default_jwks_min_refresh() -> u64 {
+    5
+}
+fn default_jwks_timeout() -> u64 {
+    2_000
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_max_token_bytes() -> usize {
+    8 * 1024
+}
+fn default_jwt_cache() -> usize {
+    10_000
+}
+fn default_forward_claims() -> BTreeMap<String, String> {
+    BTreeMap::from([("sub".to_owned(), "x-vigil-subject".to_owned())])
+}
 
 impl Default for Listen {
     fn default() -> Self {
@@ -449,6 +603,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         }
     }
     let config = Config {
+        origin: origin.to_owned(),
         listen: errors.section(&table, "listen"),
         tls: errors.section(&table, "tls"),
         limits: errors.section(&table, "limits"),
@@ -602,6 +757,7 @@ impl Config {
                     );
                 }
                 FilterConfig::Ip(_) => {}
+                FilterConfig::Jwt(jwt) => jwt.check(&format!("filters.{name}"), errors),
             }
         }
         let mut seen_names = std::collections::HashSet::new();
@@ -670,6 +826,93 @@ impl Config {
     }
 }
 
+impl JwtFilterConfig {
+    /// The algorithms of `algorithms`, the unknown names ignored (`check` reports them).
+    pub fn parsed_algorithms(&self) -> Vec<jsonwebtoken::Algorithm> {
+        self.algorithms
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+
+    fn check(&self, at: &str, errors: &mut Errors) {
+        let key = |f: &str| format!("{at}.{f}");
+        if self.issuer.is_empty() {
+            errors.push(key("issuer"), "must not be empty");
+        }
+        if self.audiences.is_empty() || self.audiences.iter().any(String::is_empty) {
+            errors.push(key("audiences"), "list at least one audience, none empty");
+        }
+        if self.algorithms.is_empty() {
+            errors.push(key("algorithms"), "list at least one algorithm");
+        }
+        for a in &self.algorithms {
+            if a.eq_ignore_ascii_case("none") {
+                errors.push(key("algorithms"), "\"none\" is never accepted");
+            } else if a.parse::<jsonwebtoken::Algorithm>().is_err() {
+                errors.push(
+                    key("algorithms"),
+                    format!("{a:?} is not one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+                );
+            }
+        }
+        let hmac = self.algorithms.iter().any(|a| a.starts_with("HS"));
+        let public = self.algorithms.iter().any(|a| !a.starts_with("HS"));
+        if hmac && self.hmac_secrets.is_empty() {
+            errors.push(key("algorithms"), "HMAC algorithms need hmac_secrets");
+        }
+        if !self.hmac_secrets.is_empty() && !hmac {
+            errors.push(
+                key("hmac_secrets"),
+                "allow an HS* algorithm to use HMAC secrets",
+            );
+        }
+        if public && self.jwks_url.is_none() && self.key_files.is_empty() {
+            errors.push(
+                key("jwks_url"),
+                "public-key algorithms need jwks_url or key_files",
+            );
+        }
+        if let Some(url) = &self.jwks_url
+            && (!(url.starts_with("http://") || url.starts_with("https://"))
+                || url.parse::<http::Uri>().is_err())
+        {
+            errors.push(key("jwks_url"), format!("{url:?} is not an http(s) URL"));
+        }
+        for (f, v) in [
+            ("jwks_refresh_secs", self.jwks_refresh_secs),
+            ("jwks_min_refresh_secs", self.jwks_min_refresh_secs),
+            ("jwks_timeout_ms", self.jwks_timeout_ms),
+        ] {
+            if v == 0 {
+                errors.push(key(f), "must be at least 1");
+            }
+        }
+        if self.max_token_bytes < 64 {
+            errors.push(key("max_token_bytes"), "must be at least 64");
+        }
+        for (i, s) in self.hmac_secrets.iter().enumerate() {
+            if s.file.is_some() == s.env.is_some() {
+                errors.push(
+                    key(&format!("hmac_secrets[{i}]")),
+                    "set exactly one of file and env",
+                );
+            }
+        }
+        for (claim, header) in &self.forward_claims {
+            let at = key(&format!("forward_claims.{claim}"));
+            match http::HeaderName::try_from(header.as_str()) {
+                Err(_) => errors.push(at, format!("{header:?} is not a header name")),
+                Ok(h) if !h.as_str().starts_with("x-vigil-") => errors.push(
+                    at,
+                    "must start with x-vigil- (only those are stripped from client requests)",
+                ),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
 fn has_port(addr: &str) -> bool {
     addr.rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
@@ -707,8 +950,7 @@ mod tests {
         assert_eq!(c.listen.http.map(|a| a.port()), Some(8080));
         assert_eq!(c.upstreams["auth"].health_check.kind, HealthCheckKind::Http);
         assert_eq!(c.upstreams["auth"].connect_timeout_ms, 1000);
-        let FilterConfig::Ip(ip) = &c.filters["office"];
-        assert_eq!(ip.mode, Mode::Shadow);
+        assert_eq!(c.filters["office"].mode(), Mode::Shadow);
         assert_eq!(
             c.routes[0].security_headers.frame_options,
             FrameOptions::Deny
@@ -759,7 +1001,7 @@ mod tests {
             "p.toml: upstreams.broken.colour: unknown field `colour`",
             "p.toml: filters.empty: an ip filter needs allow, deny or both",
             "p.toml: filters.typo: unknown field `alow`",
-            "p.toml: filters.alien.kind: unknown variant `teleport`, expected `ip`",
+            "p.toml: filters.alien.kind: unknown variant `teleport`, expected `ip` or `jwt`",
             "p.toml: routes[0].name: use letters, digits",
             "p.toml: routes[0].path_prefix: must start with /",
             "p.toml: routes[0].upstream: no [upstreams.nope]",

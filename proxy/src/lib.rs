@@ -15,6 +15,7 @@ pub mod config;
 pub mod cors;
 pub mod filters;
 pub mod guard;
+pub mod keys;
 pub mod metrics;
 pub mod pipeline;
 pub mod redirect;
@@ -51,6 +52,10 @@ pub struct Built {
     pub routes: RouteTable,
     /// Upstream pools by name.
     pub pools: BTreeMap<String, Arc<upstream::Pool>>,
+    /// Remote key sets (JWKS), shared by the `jwt` filters with the same settings.
+    pub jwks: BTreeMap<keys::JwksSettings, Arc<keys::RemoteKeys>>,
+    /// The metric families; a rebuild keeps the previous build's.
+    pub metrics: metrics::Metrics,
 }
 
 /// Reads, checks and builds the config at `path`; every error at once.
@@ -59,8 +64,11 @@ pub fn load(path: &Path) -> Result<Built, ConfigError> {
 }
 
 /// Builds the runtime form of a checked config. With `previous`, an upstream whose config did
-/// not change keeps its pool (and its peers' health).
+/// not change keeps its pool (and its peers' health), a JWKS source its keys, and the metrics
+/// stay the same families. Key files and secrets are read here; their errors come back like
+/// the loader's, as `file: key.path: message`.
 pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigError> {
+    let metrics = previous.map_or_else(metrics::Metrics::new, |p| p.metrics.clone());
     let mut errors = Vec::new();
     let mut pools = BTreeMap::new();
     for (name, u) in &config.upstreams {
@@ -75,18 +83,45 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
                 Ok(pool) => {
                     pools.insert(name.clone(), Arc::new(pool));
                 }
-                Err(e) => errors.push(format!("upstreams.{name}.addrs: {e}")),
+                Err(e) => errors.push(format!("{}: upstreams.{name}.addrs: {e}", config.origin)),
             },
+        }
+    }
+    let mut jwks = BTreeMap::new();
+    let mut filters = BTreeMap::new();
+    for (name, c) in &config.filters {
+        let remote = match c {
+            config::FilterConfig::Jwt(j) => j.jwks_url.as_ref().map(|url| {
+                let settings = keys::JwksSettings {
+                    issuer: j.issuer.clone(),
+                    url: url.clone(),
+                    refresh: Duration::from_secs(j.jwks_refresh_secs),
+                    min_refresh: Duration::from_secs(j.jwks_min_refresh_secs),
+                    timeout: Duration::from_millis(j.jwks_timeout_ms),
+                };
+                jwks.entry(settings.clone())
+                    .or_insert_with(|| {
+                        previous
+                            .and_then(|p| p.jwks.get(&settings).cloned())
+                            .unwrap_or_else(|| Arc::new(keys::RemoteKeys::new(settings)))
+                    })
+                    .clone()
+            }),
+            config::FilterConfig::Ip(_) => None,
+        };
+        match filters::build(c, remote, &metrics) {
+            Ok(f) => {
+                filters.insert(name.as_str(), (f, c));
+            }
+            Err(errs) => errors.extend(
+                errs.into_iter()
+                    .map(|(key, m)| format!("{}: filters.{name}.{key}: {m}", config.origin)),
+            ),
         }
     }
     if !errors.is_empty() {
         return Err(ConfigError { errors });
     }
-    let filters: BTreeMap<&str, _> = config
-        .filters
-        .iter()
-        .map(|(name, c)| (name.as_str(), (filters::build(c), c)))
-        .collect();
     let routes = config
         .routes
         .iter()
@@ -120,6 +155,8 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
         routes: RouteTable::new(routes),
         config,
         pools,
+        jwks,
+        metrics,
     })
 }
 
@@ -195,7 +232,7 @@ impl Proxy {
         if opts.upgrade {
             server.bootstrap();
         }
-        let metrics = metrics::Metrics::new();
+        let metrics = built.metrics.clone();
         let listen = built.config.listen.clone();
 
         let built = Arc::new(ArcSwap::from_pointee(built));
@@ -205,9 +242,19 @@ impl Proxy {
             tls,
             access_log: opts.access_log.clone(),
         };
-        let mut services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = vec![Box::new(
-            background_service("health checks", upstream::HealthChecks(built.clone())),
-        )];
+        let mut services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = vec![
+            Box::new(background_service(
+                "health checks",
+                upstream::HealthChecks(built.clone()),
+            )),
+            Box::new(background_service(
+                "jwks refresh",
+                keys::JwksRefresh {
+                    built: built.clone(),
+                    metrics: metrics.clone(),
+                },
+            )),
+        ];
         // One connection cap for both proxy listeners.
         let limits = built.load().config.limits.clone();
         let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));

@@ -4,8 +4,8 @@
 //! the bounded stage/reason pairs of rejections. Never a raw path, address or user id.
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric of the proxy.
@@ -32,6 +32,16 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `vigil_proxy_config_last_reload_successful`
     pub config_last_reload_successful: Gauge,
+    /// `vigil_proxy_jwt_validations_total{issuer,result}`
+    pub jwt_validations: IntCounterVec,
+    /// `vigil_proxy_jwt_cache_lookups_total{issuer,result}`
+    pub jwt_cache: IntCounterVec,
+    /// `vigil_proxy_jwks_refreshes_total{issuer,result}`
+    pub jwks_refreshes: IntCounterVec,
+    /// `vigil_proxy_jwks_keys{issuer}`
+    pub jwks_keys: IntGaugeVec,
+    /// `vigil_proxy_jwks_age_seconds{issuer}`
+    pub jwks_age: GaugeVec,
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -76,7 +86,42 @@ impl Metrics {
         reg(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
+        let jwks_keys = IntGaugeVec::new(
+            Opts::new(
+                "vigil_proxy_jwks_keys",
+                "Keys in the issuer's last fetched JWK Set; 0 while none has loaded (its tokens get 503).",
+            ),
+            &["issuer"],
+        )
+        .expect("valid metric definition");
+        reg(Box::new(jwks_keys.clone()));
+        let jwks_age = GaugeVec::new(
+            Opts::new(
+                "vigil_proxy_jwks_age_seconds",
+                "Seconds since the issuer's JWK Set was last fetched successfully.",
+            ),
+            &["issuer"],
+        )
+        .expect("valid metric definition");
+        reg(Box::new(jwks_age.clone()));
         Self {
+            jwt_validations: counter(
+                "vigil_proxy_jwt_validations_total",
+                "Token checks by the jwt filter, by issuer and result (ok or the rejection reason).",
+                &["issuer", "result"],
+            ),
+            jwt_cache: counter(
+                "vigil_proxy_jwt_cache_lookups_total",
+                "Lookups in the verified-token cache, by issuer and result (hit, miss).",
+                &["issuer", "result"],
+            ),
+            jwks_refreshes: counter(
+                "vigil_proxy_jwks_refreshes_total",
+                "JWK Set fetches by issuer and result (success, failure).",
+                &["issuer", "result"],
+            ),
+            jwks_keys,
+            jwks_age,
             requests: counter(
                 "vigil_proxy_requests_total",
                 "Requests answered, by route, method and status class.",
@@ -132,6 +177,12 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
     }
 }
 

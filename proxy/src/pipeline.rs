@@ -103,6 +103,9 @@ pub struct RequestCtx {
     pub tls: bool,
     /// The authenticated caller, set by the `jwt` filter; later filters key on it.
     pub subject: Option<String>,
+    /// Headers filters ask the upstream to receive (the caller's identity); set after the
+    /// client's own `x-vigil-*` headers are removed.
+    pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
     /// What was decided.
     pub decision: Decision,
     /// The stage and reason of the rejection (enforced or shadowed) that decided.
@@ -119,6 +122,7 @@ impl RequestCtx {
             client_ip,
             tls,
             subject: None,
+            upstream_headers: Vec::new(),
             decision: Decision::Allow,
             stage: None,
             reason: None,

@@ -400,8 +400,8 @@ impl ProxyHttp for Edge {
         }
         up.remove_header("forwarded");
         up.insert_header("x-request-id", ctx.req.request_id.as_str())?;
-        if let Some(subject) = &ctx.req.subject {
-            up.insert_header("x-vigil-subject", subject.as_str())?;
+        for (name, value) in &ctx.req.upstream_headers {
+            up.insert_header(name.clone(), value.clone())?;
         }
         Ok(())
     }

@@ -8,7 +8,8 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -28,6 +29,11 @@ pub struct Running {
     pub proxy_metrics_url: String,
     /// The auth service's metrics URL.
     pub auth_metrics_url: String,
+    /// The proxy's `/readyz`.
+    pub proxy_ready_url: String,
+    /// What `vigil up` was started with.
+    pub options: vigil::UpOptions,
+    access_log: Arc<Mutex<Vec<u8>>>,
     https: SocketAddr,
     ca: reqwest::Certificate,
     stop: oneshot::Sender<()>,
@@ -54,6 +60,10 @@ impl Running {
             auth_listen: port(0),
             auth_admin: port(0),
             grace_period_secs: 0,
+            access_log: proxy::access_log::Sink::Memory(Arc::default()),
+        };
+        let proxy::access_log::Sink::Memory(access_log) = opts.access_log.clone() else {
+            unreachable!("a memory sink was just made")
         };
         let stack = vigil::Stack::bind(&opts).await.expect("the stack starts");
         let (https_url, http_url) = (stack.https_url(), stack.http_url());
@@ -81,7 +91,10 @@ impl Running {
             http_url,
             proxy_metrics_url,
             auth_metrics_url,
+            proxy_ready_url: format!("http://{}/readyz", opts.proxy_admin),
+            access_log,
             https: opts.https,
+            options: opts.clone(),
             ca,
             stop,
             task,
@@ -90,21 +103,41 @@ impl Running {
         running
     }
 
-    /// Polls the JWKS through the proxy until the auth upstream answers (bounded).
+    /// Polls the proxy's `/readyz` until the auth upstream is healthy and its keys are loaded
+    /// (bounded).
     async fn wait_upstream_healthy(&self) {
-        let client = self.client();
-        for _ in 0..200 {
-            if client
-                .call("GET", "/.well-known/jwks.json", None)
-                .await
-                .status
-                == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        wait_ready(&self.proxy_ready_url).await;
+    }
+
+    /// The access-log lines the proxy wrote so far.
+    pub fn access_log(&self) -> Vec<Value> {
+        let buf = self.access_log.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&buf)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an access-log line is JSON"))
+            .collect()
+    }
+
+    /// The value of one proxy metric series (`name{labels}` exactly as exported), 0 if absent.
+    pub async fn proxy_metric(&self, series: &str) -> f64 {
+        metric(&self.proxy_metrics_url, series).await
+    }
+
+    /// Signs `claims` with the auth service's current signing key (read from its key file),
+    /// with `header` members over `{"alg": "EdDSA", "kid": …}`: tokens the real issuer could
+    /// have made, and the ones it never would.
+    pub fn sign(&self, header: Value, claims: &Value) -> String {
+        let (kid, key) = signing_key(&self.options.data_dir.join("keys/signing.json"));
+        let mut h = json!({"alg": "EdDSA", "kid": kid});
+        for (k, v) in header.as_object().expect("header members") {
+            h[k] = v.clone();
         }
-        panic!("the auth service did not become reachable through the proxy");
+        sign_raw(&h, claims, &key, jsonwebtoken::Algorithm::EdDSA)
+    }
+
+    /// The auth service's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.options.data_dir.clone()
     }
 
     /// Stops the stack and waits until it has shut down.
@@ -155,6 +188,15 @@ pub struct Reply {
 }
 
 impl Client {
+    /// A client of the API at `base` (`https://host:port`), not signed in.
+    pub fn new(base: &str, http: reqwest::Client) -> Self {
+        Self {
+            base: base.to_owned(),
+            http,
+            token: None,
+        }
+    }
+
     /// Sends `method path` with an optional JSON body.
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Reply {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a valid method");
@@ -215,4 +257,62 @@ impl Client {
             refresh,
         )
     }
+}
+
+/// Polls `url` until it answers 200 (bounded).
+pub async fn wait_ready(url: &str) {
+    for _ in 0..400 {
+        if reqwest::get(url).await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{url} did not become ready");
+}
+
+/// The value of one metric series at `url` (`name{labels}` exactly as exported), 0 if absent.
+pub async fn metric(url: &str, series: &str) -> f64 {
+    let text = reqwest::get(url)
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("a metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The current key of an auth key file: its kid and its signing key.
+pub fn signing_key(path: &Path) -> (String, jsonwebtoken::EncodingKey) {
+    use base64::Engine;
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the key file")).expect("JSON");
+    let current = &file["keys"][0];
+    let der = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(current["pkcs8"].as_str().expect("pkcs8"))
+        .expect("base64url");
+    (
+        current["kid"].as_str().expect("a kid").to_owned(),
+        jsonwebtoken::EncodingKey::from_ed_der(&der),
+    )
+}
+
+/// A compact JWS of `header` and `claims` signed with `key` as `alg` (whatever the header
+/// says).
+pub fn sign_raw(
+    header: &Value,
+    claims: &Value,
+    key: &jsonwebtoken::EncodingKey,
+    alg: jsonwebtoken::Algorithm,
+) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let message = format!(
+        "{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(claims.to_string())
+    );
+    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), key, alg).expect("signing works");
+    format!("{message}.{sig}")
 }

@@ -280,3 +280,408 @@ fn config_errors_name_the_file_and_every_key() {
     ]);
     assert!(format!("{:#}", err.unwrap_err()).contains("at least 12 characters"));
 }
+
+/// `GET path` through the edge with `token` as a bearer token: status, `WWW-Authenticate`, body.
+async fn get_with(
+    stack: &Running,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String, serde_json::Value) {
+    let mut req = stack.http().get(format!("{}{path}", stack.https_url));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = r.json().await.unwrap_or(serde_json::Value::Null);
+    (status, challenge, body)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Claims the auth service would issue for `sub`.
+fn claims_for(sub: &str) -> serde_json::Value {
+    let now = unix_now();
+    json!({"iss": "vigil-auth", "aud": "vigil", "sub": sub, "role": "user", "sid": "s",
+        "iat": now, "nbf": now, "exp": now + 900, "jti": "j"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_lets_only_well_authenticated_requests_reach_content() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Running::start(dir.path()).await;
+    let (alice, _) = stack.client().register_and_login("alice@example.com").await;
+    let token = alice.token.clone().unwrap();
+    let me = alice.call("GET", "/auth/me", None).await;
+    let alice_id = me.body["id"].as_str().unwrap().to_owned();
+
+    // A real login: through, and the edge knows the caller.
+    let (status, _, body) = get_with(&stack, "/content", Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    let line = stack
+        .access_log()
+        .into_iter()
+        .rfind(|l| l["route"] == "content")
+        .unwrap();
+    assert_eq!(line["subject"], alice_id.as_str());
+    assert_eq!(line["decision"], "allow");
+
+    // A token whose jku names a listener this test owns: refused, and never fetched.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let jku = format!("http://{}/jwks.json", trap.local_addr().unwrap());
+
+    let mut tampered = token.clone().into_bytes();
+    let at = token.find('.').unwrap() + 5;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let now = unix_now();
+    let mut expired = claims_for(&alice_id);
+    expired["exp"] = json!(now - 120);
+    expired["iat"] = json!(now - 1020);
+    let mut other_aud = claims_for(&alice_id);
+    other_aud["aud"] = json!("someone-else");
+    let none = format!(
+        "{}.{}.",
+        b64.encode(r#"{"alg":"none"}"#),
+        b64.encode(claims_for(&alice_id).to_string())
+    );
+    // HS256 "signed" with the auth service's public key, naming that key.
+    let jwks = stack
+        .client()
+        .call("GET", "/.well-known/jwks.json", None)
+        .await
+        .body;
+    let public = b64.decode(jwks["keys"][0]["x"].as_str().unwrap()).unwrap();
+    let kid = jwks["keys"][0]["kid"].as_str().unwrap();
+    let confused = e2e::sign_raw(
+        &json!({"alg": "HS256", "kid": kid}),
+        &claims_for(&alice_id),
+        &jsonwebtoken::EncodingKey::from_secret(&public),
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let cases = [
+        ("no token", None, 401, "missing"),
+        ("tampered", Some(tampered), 401, "bad_signature"),
+        (
+            "expired",
+            Some(stack.sign(json!({}), &expired)),
+            401,
+            "expired",
+        ),
+        (
+            "another audience",
+            Some(stack.sign(json!({}), &other_aud)),
+            401,
+            "wrong_audience",
+        ),
+        ("alg none", Some(none), 401, "alg_not_allowed"),
+        (
+            "HS256 with the public key",
+            Some(confused),
+            401,
+            "alg_not_allowed",
+        ),
+        (
+            "jku",
+            Some(stack.sign(json!({"jku": jku}), &claims_for(&alice_id))),
+            401,
+            "malformed",
+        ),
+        (
+            "unknown kid",
+            Some(stack.sign(json!({"kid": "nope"}), &claims_for(&alice_id))),
+            401,
+            "unknown_kid",
+        ),
+    ];
+    for (name, token, want_status, want_reason) in &cases {
+        let (status, challenge, body) = get_with(&stack, "/content", token.as_deref()).await;
+        assert_eq!(status, *want_status, "{name}: {body}");
+        assert_eq!(body["error"], *want_reason, "{name}");
+        assert_eq!(body["stage"], "jwt", "{name}");
+        assert!(
+            body["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{name}"
+        );
+        assert!(
+            challenge.starts_with("Bearer realm=\"vigil\""),
+            "{name}: {challenge}"
+        );
+        if *want_reason != "missing" {
+            assert!(
+                challenge.contains(r#"error="invalid_token""#),
+                "{name}: {challenge}"
+            );
+        }
+    }
+    assert!(
+        trap.accept()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the proxy never connects to a URL a token names"
+    );
+
+    // A user on the admin route: a valid token without the claim is 403.
+    let (status, challenge, body) = get_with(&stack, "/users", Some(&token)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("claim_mismatch"))
+    );
+    assert!(challenge.contains("insufficient_scope"));
+    let mut admin = claims_for(&alice_id);
+    admin["role"] = json!("admin");
+    let (status, _, body) = get_with(&stack, "/users", Some(&stack.sign(json!({}), &admin))).await;
+    assert_ne!(status, 403, "the edge lets an admin token through: {body}");
+
+    // Every reason is in the metric, the rejection counter and the access log, as often as
+    // it was sent.
+    for (_, _, _, reason) in &cases {
+        let sent = cases.iter().filter(|c| c.3 == *reason).count() as f64;
+        let series = format!(
+            r#"vigil_proxy_jwt_validations_total{{issuer="vigil-auth",result="{reason}"}}"#
+        );
+        assert_eq!(stack.proxy_metric(&series).await, sent, "{series}");
+        let series = format!(
+            r#"vigil_proxy_rejections_total{{reason="{reason}",route="content",stage="jwt"}}"#
+        );
+        assert_eq!(stack.proxy_metric(&series).await, sent, "{series}");
+        assert!(
+            stack.access_log().iter().any(|l| l["route"] == "content"
+                && l["decision"] == "reject"
+                && l["stage"] == "jwt"
+                && l["reason"] == *reason),
+            "{reason} in the access log"
+        );
+    }
+    assert_eq!(
+        stack
+            .proxy_metric(r#"vigil_proxy_jwks_keys{issuer="vigil-auth"}"#)
+            .await,
+        1.0
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_on_the_auth_service_is_picked_up_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Running::start(dir.path()).await;
+    let (alice, _) = stack.client().register_and_login("alice@example.com").await;
+    let old_token = alice.token.clone().unwrap();
+    assert_eq!(get_with(&stack, "/content", Some(&old_token)).await.0, 200);
+    let mut config = stack.options.auth_config();
+    config.tokens.keys_reload_secs = 1;
+    let (new_kid, _) = auth::rotate_keys(&config).unwrap();
+    // The auth service reloads its key file on its own schedule; then a login signs with the
+    // new key, which the edge has not seen: it fetches the JWKS again and lets the token in.
+    let mut status = 0;
+    for _ in 0..400 {
+        let (fresh, _) = stack.client().login("alice@example.com").await;
+        let token = fresh.token.unwrap();
+        let header: serde_json::Value = {
+            use base64::Engine;
+            let h = token.split('.').next().unwrap();
+            serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(h)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        if header["kid"] == new_kid.as_str() {
+            status = get_with(&stack, "/content", Some(&token)).await.0;
+            if status == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "a token of the new key is accepted");
+    assert_eq!(
+        get_with(&stack, "/content", Some(&old_token)).await.0,
+        200,
+        "the previous key still verifies"
+    );
+    assert!(
+        stack
+            .proxy_metric(
+                r#"vigil_proxy_jwks_refreshes_total{issuer="vigil-auth",result="success"}"#
+            )
+            .await
+            >= 2.0
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_jwks_down_at_start_the_edge_answers_503_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth_port = e2e::free_port();
+    let (https, admin) = (e2e::free_port(), e2e::free_port());
+    let text = format!(
+        r#"
+        [listen]
+        https = "127.0.0.1:{https}"
+        http = "127.0.0.1:{http}"
+        admin = "127.0.0.1:{admin}"
+        [tls]
+        generated_dir = "{certs}"
+        [upstreams.auth]
+        addrs = ["127.0.0.1:{auth_port}"]
+        [filters.user]
+        kind = "jwt"
+        issuer = "vigil-auth"
+        audiences = ["vigil"]
+        algorithms = ["EdDSA"]
+        jwks_url = "http://127.0.0.1:{auth_port}/.well-known/jwks.json"
+        [[routes]]
+        name = "auth"
+        path_prefix = "/auth/"
+        upstream = "auth"
+        [[routes]]
+        name = "content"
+        path_prefix = "/content/"
+        upstream = "auth"
+        filters = ["user"]
+        "#,
+        http = e2e::free_port(),
+        certs = dir.path().join("certs").display(),
+    );
+    let built = proxy::build(proxy::config::parse(&text, "test.toml").unwrap(), None).unwrap();
+    let edge = proxy::Proxy::new(
+        built,
+        &proxy::RunOptions {
+            threads: 1,
+            grace_period_secs: 0,
+            upgrade_sock: dir.path().join("upgrade.sock").display().to_string(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let watch = vigil::NotifyWatch(stop.clone());
+    let thread = std::thread::spawn(move || edge.run(Box::new(watch)));
+    let pem = {
+        let path = dir.path().join("certs/self-signed.crt");
+        let mut pem = None;
+        for _ in 0..400 {
+            if let Ok(p) = std::fs::read(&path) {
+                pem = Some(p);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        pem.unwrap()
+    };
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .resolve("localhost", ([127, 0, 0, 1], https).into())
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{https}");
+    let metrics_url = format!("http://127.0.0.1:{admin}/metrics");
+    // A well-formed EdDSA token: its key would come from the JWKS, which is not there.
+    let unverifiable = {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.{}",
+            b64.encode(r#"{"alg":"EdDSA","kid":"k1"}"#),
+            b64.encode(claims_for("someone").to_string()),
+            b64.encode([1u8; 64])
+        )
+    };
+    let mut first = None;
+    for _ in 0..400 {
+        match client
+            .get(format!("{base}/content"))
+            .bearer_auth(&unverifiable)
+            .send()
+            .await
+        {
+            Ok(r) => {
+                first = Some((
+                    r.status().as_u16(),
+                    r.json::<serde_json::Value>().await.unwrap(),
+                ));
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
+        }
+    }
+    let (status, body) = first.unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("jwks_unavailable")),
+        "{body}"
+    );
+    let keys = r#"vigil_proxy_jwks_keys{issuer="vigil-auth"}"#;
+    assert_eq!(
+        e2e::metric(&metrics_url, keys).await,
+        0.0,
+        "the metric says so"
+    );
+    assert!(
+        e2e::metric(
+            &metrics_url,
+            r#"vigil_proxy_jwks_refreshes_total{issuer="vigil-auth",result="failure"}"#
+        )
+        .await
+            >= 1.0
+    );
+
+    // The auth service comes up on the address the edge expects.
+    let opts = vigil::UpOptions {
+        data_dir: dir.path().to_owned(),
+        https: ([127, 0, 0, 1], 0).into(),
+        http: ([127, 0, 0, 1], 0).into(),
+        proxy_admin: ([127, 0, 0, 1], 0).into(),
+        auth_listen: ([127, 0, 0, 1], auth_port).into(),
+        auth_admin: ([127, 0, 0, 1], 0).into(),
+        grace_period_secs: 0,
+        access_log: proxy::access_log::Sink::default(),
+    };
+    let service = auth::Service::bind(opts.auth_config()).await.unwrap();
+    let (stop_auth, auth_stopped) = tokio::sync::oneshot::channel::<()>();
+    let auth_task = tokio::spawn(service.run(async move {
+        let _ = auth_stopped.await;
+    }));
+    let api = e2e::Client::new(&base, client.clone());
+    let (alice, _) = api.register_and_login("alice@example.com").await;
+    let token = alice.token.unwrap();
+    let mut status = 0;
+    for _ in 0..400 {
+        status = client
+            .get(format!("{base}/content"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "the keys loaded once the JWKS answered");
+    assert_eq!(e2e::metric(&metrics_url, keys).await, 1.0);
+    stop.notify_one();
+    tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+    let _ = stop_auth.send(());
+    auth_task.await.unwrap().unwrap();
+}

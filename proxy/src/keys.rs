@@ -1,0 +1,596 @@
+//! The keys the `jwt` filter verifies tokens with: static keys read at load (PEM or JWK files,
+//! HMAC secrets from files or environment variables) and remote key sets (JWKS) fetched in the
+//! background.
+//!
+//! A [`VerifyKey`] carries the algorithms it may verify, taken from the key itself (its type and
+//! curve, narrowed by its JWK `alg`): a token's `alg` header only picks among those, so an HMAC
+//! token can never be checked against a public key. Keys marked for another use (`use` other
+//! than `sig`, `key_ops` without `verify`) are never loaded.
+//!
+//! A [`RemoteKeys`] is one JWKS URL. [`JwksRefresh`], one background service, fetches every
+//! source of the config in force when it is due: on its schedule, sooner after a failure
+//! (backoff) and at once when a token names an unknown `kid` (at most once per
+//! `jwks_min_refresh_secs`). A failed fetch keeps the keys already loaded. Sources live in
+//! [`crate::Built`] and an unchanged source keeps its keys across reloads.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::Built;
+use crate::metrics::Metrics;
+
+/// A key a token may be verified with.
+pub struct VerifyKey {
+    /// The key id tokens name it by (`kid`), if it has one.
+    pub kid: Option<String>,
+    /// The algorithms this key verifies: from the key's type, narrowed by its `alg`.
+    pub algorithms: Vec<Algorithm>,
+    /// The key.
+    pub key: DecodingKey,
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key material: an HMAC secret must not reach a log line.
+        f.debug_struct("VerifyKey")
+            .field("kid", &self.kid)
+            .field("algorithms", &self.algorithms)
+            .finish()
+    }
+}
+
+/// Why a token's key could not be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupError {
+    /// No key has that `kid` (or, without a `kid`, no single key fits).
+    UnknownKid,
+    /// The key named cannot verify the token's algorithm.
+    AlgNotAllowed,
+}
+
+/// A set of verification keys.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    keys: Vec<Arc<VerifyKey>>,
+}
+
+impl KeySet {
+    /// A set of `keys`.
+    pub fn new(keys: Vec<VerifyKey>) -> Self {
+        Self {
+            keys: keys.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the set has no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key for a token with `kid` and `alg`. With a `kid`, the key of that id, which must
+    /// verify `alg`. Without one, the only key without an id that verifies `alg`.
+    pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Result<&VerifyKey, LookupError> {
+        match kid {
+            Some(kid) => {
+                let key = self
+                    .keys
+                    .iter()
+                    .find(|k| k.kid.as_deref() == Some(kid))
+                    .ok_or(LookupError::UnknownKid)?;
+                if key.algorithms.contains(&alg) {
+                    Ok(key)
+                } else {
+                    Err(LookupError::AlgNotAllowed)
+                }
+            }
+            None => {
+                let mut fits = self
+                    .keys
+                    .iter()
+                    .filter(|k| k.kid.is_none() && k.algorithms.contains(&alg));
+                match (fits.next(), fits.next()) {
+                    (Some(key), None) => Ok(key),
+                    _ => Err(LookupError::UnknownKid),
+                }
+            }
+        }
+    }
+}
+
+/// The algorithms a key of `family` can verify (for EC and OKP keys, `curve` decides).
+fn key_algorithms(family: AlgorithmFamily, curve: Option<&EllipticCurve>) -> Vec<Algorithm> {
+    match (family, curve) {
+        (AlgorithmFamily::Ec, Some(EllipticCurve::P256)) => vec![Algorithm::ES256],
+        (AlgorithmFamily::Ec, Some(EllipticCurve::P384)) => vec![Algorithm::ES384],
+        (AlgorithmFamily::Ec, _) => Vec::new(),
+        (AlgorithmFamily::Ed, Some(EllipticCurve::Ed25519) | None) => vec![Algorithm::EdDSA],
+        (AlgorithmFamily::Ed, _) => Vec::new(),
+        (family, _) => family.algorithms().to_vec(),
+    }
+}
+
+/// HMAC algorithms a secret of `len` bytes is long enough for (RFC 7518 §3.2: at least the
+/// hash's size).
+fn hmac_algorithms(len: usize) -> Vec<Algorithm> {
+    [
+        (Algorithm::HS256, 32),
+        (Algorithm::HS384, 48),
+        (Algorithm::HS512, 64),
+    ]
+    .into_iter()
+    .filter(|&(_, min)| len >= min)
+    .map(|(alg, _)| alg)
+    .collect()
+}
+
+/// A key from one JWK (RFC 7517), or why it cannot verify signatures.
+pub fn from_jwk(value: &serde_json::Value) -> Result<VerifyKey, String> {
+    let jwk: Jwk = serde_json::from_value(value.clone()).map_err(|e| format!("not a JWK: {e}"))?;
+    let kid = jwk.common.key_id.clone();
+    match &jwk.common.public_key_use {
+        None | Some(PublicKeyUse::Signature) => {}
+        Some(_) => return Err("its \"use\" is not \"sig\"".into()),
+    }
+    if let Some(ops) = &jwk.common.key_operations
+        && !ops.contains(&KeyOperations::Verify)
+    {
+        return Err("its \"key_ops\" do not include \"verify\"".into());
+    }
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("unusable key: {e}"))?;
+    let mut algorithms = match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(p) => {
+            key_algorithms(AlgorithmFamily::Ec, Some(&p.curve))
+        }
+        AlgorithmParameters::OctetKeyPair(p) => key_algorithms(AlgorithmFamily::Ed, Some(&p.curve)),
+        AlgorithmParameters::OctetKey(_) => {
+            hmac_algorithms(key.try_get_as_bytes().map_or(0, <[u8]>::len))
+        }
+        AlgorithmParameters::RSA(_) => key_algorithms(AlgorithmFamily::Rsa, None),
+        _ => Vec::new(),
+    };
+    if let Some(alg) = jwk.common.key_algorithm {
+        let alg = Algorithm::try_from(alg)
+            .map_err(|_| format!("its \"alg\" {alg} is not a signature algorithm"))?;
+        algorithms.retain(|a| *a == alg);
+    }
+    if algorithms.is_empty() {
+        return Err("it fits no supported signature algorithm".into());
+    }
+    Ok(VerifyKey {
+        kid,
+        algorithms,
+        key,
+    })
+}
+
+/// The keys of a JWK Set document. Keys that cannot verify signatures are skipped, each with
+/// its reason; the document itself must be a JSON object with a `keys` array.
+pub fn from_jwks(body: &[u8]) -> Result<(Vec<VerifyKey>, Vec<String>), String> {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        keys: Vec<serde_json::Value>,
+    }
+    let doc: Document = serde_json::from_slice(body).map_err(|e| format!("not a JWK Set: {e}"))?;
+    let mut keys = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, value) in doc.keys.iter().enumerate() {
+        match from_jwk(value) {
+            Ok(k) => keys.push(k),
+            Err(why) => {
+                let kid = value.get("kid").and_then(|k| k.as_str()).unwrap_or("-");
+                skipped.push(format!("keys[{i}] (kid {kid}): {why}"));
+            }
+        }
+    }
+    Ok((keys, skipped))
+}
+
+/// The keys of one key file: a PEM public key (RSA, EC P-256/P-384 or Ed25519), a JWK, or a
+/// JWK Set. `kid` names a PEM key (JWKs carry their own).
+pub fn from_file(path: &Path, kid: Option<&str>) -> Result<Vec<VerifyKey>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    if text.trim_start().starts_with('{') {
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+        return if value.get("keys").is_some() {
+            let (keys, skipped) =
+                from_jwks(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            match skipped.first() {
+                Some(why) => Err(format!("{}: {why}", path.display())),
+                None => Ok(keys),
+            }
+        } else {
+            from_jwk(&value)
+                .map(|k| vec![k])
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+    }
+    let key = DecodingKey::from_rsa_pem(&bytes)
+        .map(|k| (k, key_algorithms(AlgorithmFamily::Rsa, None)))
+        .or_else(|_| {
+            DecodingKey::from_ec_pem(&bytes).map(|k| {
+                let curve = match k.try_get_as_bytes().map_or(0, <[u8]>::len) {
+                    65 => Some(EllipticCurve::P256),
+                    97 => Some(EllipticCurve::P384),
+                    _ => None,
+                };
+                let algs = key_algorithms(AlgorithmFamily::Ec, curve.as_ref());
+                (k, algs)
+            })
+        })
+        .or_else(|_| {
+            DecodingKey::from_ed_pem(&bytes).map(|k| (k, key_algorithms(AlgorithmFamily::Ed, None)))
+        })
+        .map_err(|_| {
+            format!(
+                "{}: not a PEM public key (RSA, EC P-256/P-384 or Ed25519), JWK or JWK Set",
+                path.display()
+            )
+        })?;
+    let (key, algorithms) = key;
+    if algorithms.is_empty() {
+        return Err(format!(
+            "{}: the key's curve is not supported",
+            path.display()
+        ));
+    }
+    Ok(vec![VerifyKey {
+        kid: kid.map(str::to_owned),
+        algorithms,
+        key,
+    }])
+}
+
+/// An HMAC key from a secret (raw bytes, as read from a file or an environment variable).
+pub fn from_secret(secret: &[u8], kid: Option<&str>) -> Result<VerifyKey, String> {
+    let algorithms = hmac_algorithms(secret.len());
+    if algorithms.is_empty() {
+        return Err(format!(
+            "the secret is {} bytes; HMAC needs at least 32 (HS256), 48 (HS384) or 64 (HS512)",
+            secret.len()
+        ));
+    }
+    Ok(VerifyKey {
+        kid: kid.map(str::to_owned),
+        algorithms,
+        key: DecodingKey::from_secret(secret),
+    })
+}
+
+/// Decodes base64url without padding, strictly (no padding, no stray bits).
+pub fn b64url(s: &[u8]) -> Option<Vec<u8>> {
+    URL_SAFE_NO_PAD.decode(s).ok()
+}
+
+/// What makes two remote key sources the same: a reload that keeps these keeps the keys.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JwksSettings {
+    /// The issuer whose keys these are (a metric label).
+    pub issuer: String,
+    /// The JWK Set URL.
+    pub url: String,
+    /// Scheduled refresh interval.
+    pub refresh: Duration,
+    /// Shortest time between two fetches asked for by unknown `kid`s.
+    pub min_refresh: Duration,
+    /// Timeout of one fetch.
+    pub timeout: Duration,
+}
+
+/// The largest JWK Set document accepted.
+const MAX_JWKS_BYTES: usize = 512 * 1024;
+/// First retry after a failed fetch; doubled per failure up to the refresh interval (30 s at
+/// most while no key has ever loaded).
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+
+/// One JWKS URL and the keys last fetched from it.
+pub struct RemoteKeys {
+    /// Where and how often.
+    pub settings: JwksSettings,
+    keys: ArcSwapOption<KeySet>,
+    generation: AtomicU64,
+    wanted: AtomicBool,
+    state: Mutex<FetchState>,
+}
+
+#[derive(Debug)]
+struct FetchState {
+    next_due: Instant,
+    last_attempt: Option<Instant>,
+    loaded_at: Option<Instant>,
+    failures: u32,
+}
+
+impl std::fmt::Debug for RemoteKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteKeys")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl RemoteKeys {
+    /// A source with no keys yet, due at once.
+    pub fn new(settings: JwksSettings) -> Self {
+        Self {
+            settings,
+            keys: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
+            wanted: AtomicBool::new(false),
+            state: Mutex::new(FetchState {
+                next_due: Instant::now(),
+                last_attempt: None,
+                loaded_at: None,
+                failures: 0,
+            }),
+        }
+    }
+
+    /// The keys last fetched; `None` until a fetch has succeeded.
+    pub fn keys(&self) -> Option<Arc<KeySet>> {
+        self.keys.load_full()
+    }
+
+    /// Counts the key sets swapped in: a cached verification made with an older one is stale.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Asks for a fetch soon (a token named a `kid` the set lacks). Never blocks.
+    pub fn request_refresh(&self) {
+        self.wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// Swaps in a new key set.
+    pub fn install(&self, keys: KeySet) {
+        self.keys.store(Some(Arc::new(keys)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a fetch is due at `now`.
+    fn due(&self, now: Instant) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.next_due <= now {
+            return true;
+        }
+        self.wanted.load(Ordering::Relaxed)
+            && state
+                .last_attempt
+                .is_none_or(|t| now.duration_since(t) >= self.settings.min_refresh)
+    }
+
+    /// Fetches the set now and swaps it in; a failure keeps the keys in use.
+    async fn refresh(&self, client: &reqwest::Client, metrics: &Metrics) {
+        let started = Instant::now();
+        self.wanted.store(false, Ordering::Relaxed);
+        let result = self.fetch(client).await;
+        let issuer = self.settings.issuer.as_str();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.last_attempt = Some(started);
+        match result {
+            Ok((keys, skipped)) => {
+                for why in &skipped {
+                    tracing::warn!(issuer, url = %self.settings.url, "JWKS key skipped: {why}");
+                }
+                let count = keys.len();
+                self.install(KeySet::new(keys));
+                state.loaded_at = Some(Instant::now());
+                state.failures = 0;
+                state.next_due = started + self.settings.refresh;
+                metrics
+                    .jwks_refreshes
+                    .with_label_values(&[issuer, "success"])
+                    .inc();
+                tracing::debug!(issuer, keys = count, "JWKS refreshed");
+            }
+            Err(why) => {
+                state.failures = state.failures.saturating_add(1);
+                let cap = if state.loaded_at.is_some() {
+                    self.settings.refresh
+                } else {
+                    self.settings.refresh.min(Duration::from_secs(30))
+                };
+                let backoff = FIRST_RETRY
+                    .saturating_mul(1 << state.failures.saturating_sub(1).min(16))
+                    .min(cap);
+                state.next_due = started + backoff;
+                metrics
+                    .jwks_refreshes
+                    .with_label_values(&[issuer, "failure"])
+                    .inc();
+                let kept = self.keys.load().as_ref().map_or(0, |k| k.len());
+                tracing::warn!(issuer, url = %self.settings.url, error = %why, keys_kept = kept,
+                    retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                    "JWKS refresh failed");
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        client: &reqwest::Client,
+    ) -> Result<(Vec<VerifyKey>, Vec<String>), String> {
+        let mut resp = client
+            .get(&self.settings.url)
+            .timeout(self.settings.timeout)
+            .header(http::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("answered {}", resp.status()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| format!("reading the body: {e}"))?
+        {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!(
+                    "the document is larger than {MAX_JWKS_BYTES} bytes"
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        from_jwks(&body)
+    }
+
+    /// Seconds since the keys were last fetched, if they ever were.
+    fn age(&self, now: Instant) -> Option<f64> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.loaded_at.map(|t| now.duration_since(t).as_secs_f64())
+    }
+}
+
+/// Fetches every remote key set of the config in force when it is due, one at a time (so
+/// fetches of one source never overlap), and keeps the key-set age gauges current.
+pub struct JwksRefresh {
+    /// The config in force.
+    pub built: Arc<ArcSwap<Built>>,
+    /// `jwks_*` metrics.
+    pub metrics: Metrics,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for JwksRefresh {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // No redirects: the proxy fetches exactly the URL its config names.
+        let client = match reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent("vigil-proxy")
+            .build()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "the JWKS client cannot start; remote keys never load");
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            let built = self.built.load_full();
+            for source in built.jwks.values() {
+                if source.due(Instant::now()) {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        () = source.refresh(&client, &self.metrics) => {}
+                    }
+                }
+                let issuer = source.settings.issuer.as_str();
+                let keys = source.keys().map_or(0, |k| k.len());
+                self.metrics
+                    .jwks_keys
+                    .with_label_values(&[issuer])
+                    .set(i64::try_from(keys).unwrap_or(i64::MAX));
+                if let Some(age) = source.age(Instant::now()) {
+                    self.metrics.jwks_age.with_label_values(&[issuer]).set(age);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ed_jwk(kid: &str) -> serde_json::Value {
+        json!({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": kid, "alg": "EdDSA", "use": "sig"})
+    }
+
+    #[test]
+    fn the_algorithm_comes_from_the_key() {
+        let k = from_jwk(&ed_jwk("a")).unwrap();
+        assert_eq!(k.algorithms, [Algorithm::EdDSA]);
+        let rsa = json!({"kty": "RSA", "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw", "e": "AQAB"});
+        let k = from_jwk(&rsa).unwrap();
+        assert_eq!(k.algorithms.len(), 6, "RS* and PS* without an alg");
+        let mut pinned = rsa.clone();
+        pinned["alg"] = json!("PS256");
+        assert_eq!(from_jwk(&pinned).unwrap().algorithms, [Algorithm::PS256]);
+        let short = json!({"kty": "oct", "k": URL_SAFE_NO_PAD.encode([7u8; 40])});
+        assert_eq!(
+            from_jwk(&short).unwrap().algorithms,
+            [Algorithm::HS256],
+            "a 40-byte secret is too short for HS384 and HS512"
+        );
+    }
+
+    #[test]
+    fn keys_for_other_uses_are_refused() {
+        let mut enc = ed_jwk("e");
+        enc["use"] = json!("enc");
+        assert!(from_jwk(&enc).unwrap_err().contains("use"));
+        let mut ops = ed_jwk("o");
+        ops.as_object_mut().unwrap().remove("use");
+        ops["key_ops"] = json!(["sign"]);
+        assert!(from_jwk(&ops).unwrap_err().contains("key_ops"));
+        let mut alg = ed_jwk("r");
+        alg["alg"] = json!("RSA-OAEP");
+        assert!(from_jwk(&alg).is_err());
+        assert!(
+            from_secret(&[1; 16], None).is_err(),
+            "a 16-byte HMAC secret"
+        );
+    }
+
+    #[test]
+    fn a_jwks_keeps_the_usable_keys_and_says_why_it_skipped_the_others() {
+        let mut enc = ed_jwk("enc");
+        enc["use"] = json!("enc");
+        let doc = json!({"keys": [ed_jwk("a"), enc, {"kty": "XYZ", "kid": "weird"}]});
+        let (keys, skipped) = from_jwks(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(from_jwks(b"[1,2]").is_err());
+    }
+
+    #[test]
+    fn lookup_by_kid_and_without_one() {
+        let set = KeySet::new(vec![
+            from_jwk(&ed_jwk("a")).unwrap(),
+            from_secret(&[1; 32], None).unwrap(),
+        ]);
+        assert!(set.find(Some("a"), Algorithm::EdDSA).is_ok());
+        assert_eq!(
+            set.find(Some("a"), Algorithm::HS256).unwrap_err(),
+            LookupError::AlgNotAllowed,
+            "an HMAC token naming a public key"
+        );
+        assert_eq!(
+            set.find(Some("b"), Algorithm::EdDSA).unwrap_err(),
+            LookupError::UnknownKid
+        );
+        assert!(
+            set.find(None, Algorithm::HS256).is_ok(),
+            "the one key without an id"
+        );
+        assert_eq!(
+            set.find(None, Algorithm::EdDSA).unwrap_err(),
+            LookupError::UnknownKid
+        );
+    }
+}
