@@ -1,4 +1,10 @@
-//! The `vigil` binary: every role is a subcommand; all logic lives in the library.
+//! The `vigil` binary: everything is in the library (`vigil::main`).
+
+/// mimalloc: the proxy allocates on every request (headers, ids, log lines), and glibc's
+/// allocator cost measurably more CPU per request (bench/README.md has the figures).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     vigil::main()

@@ -36,7 +36,7 @@ pub struct Line<'a> {
     /// The W3C trace id, when tracing is on (empty otherwise).
     pub trace_id: &'a str,
     /// The client address after `trusted_proxies`.
-    pub client_ip: String,
+    pub client_ip: &'a str,
     /// Request method.
     pub method: &'a str,
     /// Request host, normalized.
@@ -76,24 +76,51 @@ pub struct Line<'a> {
 impl Sink {
     /// Writes `line` as one JSON line. A failed write is dropped, never a failed request.
     pub fn write(&self, line: &Line<'_>) {
-        let Ok(mut bytes) = serde_json::to_vec(line) else {
-            return;
-        };
-        bytes.push(b'\n');
-        match self {
-            Sink::Stdout => {
-                let mut buf = stdout_buffer().lock().unwrap_or_else(|p| p.into_inner());
-                buf.extend_from_slice(&bytes);
-                if buf.len() >= FLUSH_AT_BYTES {
-                    write_out(&mut buf);
-                }
-            }
-            Sink::Memory(buf) => buf
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(&bytes),
+        thread_local! {
+            /// Each worker thread serialises into its own buffer, reused line after line.
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        SCRATCH.with_borrow_mut(|bytes| {
+            bytes.clear();
+            if serde_json::to_writer(&mut *bytes, line).is_err() {
+                return;
+            }
+            bytes.push(b'\n');
+            let target = match self {
+                Sink::Stdout => stdout_buffer(),
+                Sink::Memory(buf) => buf.as_ref(),
+            };
+            let mut buf = target.lock().unwrap_or_else(|p| p.into_inner());
+            buf.extend_from_slice(bytes);
+            if matches!(self, Sink::Stdout) && buf.len() >= FLUSH_AT_BYTES {
+                write_out(&mut buf);
+            }
+        });
     }
+}
+
+/// Now as RFC 3339 UTC with milliseconds (`2026-11-29T03:50:22.851Z`). The date and time are
+/// formatted once a second per thread; each call adds the milliseconds.
+pub fn timestamp() -> String {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    let now = chrono::Utc::now();
+    let secs = now.timestamp();
+    let millis = now.timestamp_subsec_millis().min(999);
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != secs {
+            *cached = secs;
+            *text = now.format("%Y-%m-%dT%H:%M:%S").to_string();
+        }
+        let mut out = String::with_capacity(24);
+        out.push_str(text);
+        out.push('.');
+        let digits = [millis / 100, millis / 10 % 10, millis % 10];
+        out.extend(digits.map(|d| char::from(b'0' + d as u8)));
+        out.push('Z');
+        out
+    })
 }
 
 const FLUSH_AT_BYTES: usize = 64 * 1024;
@@ -129,4 +156,65 @@ fn write_out(buf: &mut Vec<u8>) {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(buf).and_then(|()| out.flush());
     buf.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_milliseconds() {
+        let before = chrono::Utc::now();
+        let ts = timestamp();
+        let after = chrono::Utc::now();
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert!(ts.ends_with('Z'));
+        let parsed = chrono::DateTime::parse_from_rfc3339(&ts).unwrap();
+        let floor = |t: chrono::DateTime<chrono::Utc>| t.timestamp_millis();
+        assert!(
+            (floor(before)..=floor(after)).contains(&parsed.timestamp_millis()),
+            "{ts}"
+        );
+    }
+
+    #[test]
+    fn lines_are_one_json_object_each() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink::Memory(buf.clone());
+        let line = |path| Line {
+            ts: timestamp(),
+            level: "info",
+            service: "proxy",
+            request_id: "r",
+            trace_id: "",
+            client_ip: "192.0.2.1",
+            method: "GET",
+            host: "a.test",
+            route: "r",
+            path,
+            status: 200,
+            duration_ms: 1.5,
+            upstream_ms: None,
+            bytes_in: 0,
+            bytes_out: 2,
+            subject: "",
+            decision: "allow",
+            stage: "",
+            reason: "",
+            waf_rule_ids: Vec::new(),
+            ratelimit_policy: "",
+            tls_version: "",
+            user_agent: "curl",
+        };
+        sink.write(&line("/a"));
+        sink.write(&line("/b\"quoted\""));
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["path"], "/b\"quoted\"");
+        assert_eq!(lines[0]["client_ip"], "192.0.2.1");
+    }
 }

@@ -6,6 +6,10 @@
 //! once `limits.header_read_timeout_ms` has passed without a complete header (`\r\n\r\n`). HTTP/2
 //! connections are exempt (their frames never contain that terminator; h2 has its own limits).
 //! Later requests on a kept-alive connection fall under the keep-alive timeout instead.
+//!
+//! The wrapped stream holds the connection's permit and its place in `connections_active`
+//! until it is dropped (the connection closes): a kept-alive connection that comes back for its
+//! next request passes through without touching either.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,8 +25,9 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, SocketDigest, TimingDigest,
 };
 use pingora::server::ShutdownWatch;
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
 
@@ -45,20 +50,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+        // A kept-alive connection comes back here for its next request: it was admitted and
+        // wrapped when it opened.
+        if stream.as_any().is::<HeaderDeadline>() {
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             tracing::warn!("connection refused: limits.max_connections reached");
             return None;
         };
-        self.metrics.connections_active.inc();
-        // A kept-alive connection comes back here for its next request: wrap it only once.
-        let stream: Stream = if stream.as_any().is::<HeaderDeadline>() {
-            stream
-        } else {
-            Box::new(HeaderDeadline::new(stream, self.header_deadline))
-        };
-        let reused = self.inner.process_new(stream, shutdown).await;
-        self.metrics.connections_active.dec();
-        reused
+        let mut wrapped = HeaderDeadline::new(stream, self.header_deadline);
+        wrapped.admitted = Some(Admitted::new(permit, &self.metrics.connections_active));
+        self.inner.process_new(Box::new(wrapped), shutdown).await
     }
 
     async fn cleanup(&self) {
@@ -66,13 +69,38 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
     }
 }
 
+/// A connection's place under the cap: its permit and its count in `connections_active`, both
+/// given back when it is dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    active: IntGauge,
+}
+
+impl Admitted {
+    fn new(permit: OwnedSemaphorePermit, active: &IntGauge) -> Self {
+        active.inc();
+        Self {
+            _permit: permit,
+            active: active.clone(),
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
 /// A stream whose reads fail once its deadline passes before a complete request header
-/// (`\r\n\r\n`) has been read.
+/// (`\r\n\r\n`) has been read. It carries the connection's [`Admitted`] place.
 #[derive(Debug)]
 pub struct HeaderDeadline {
     inner: Stream,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     tail: [u8; 3],
+    admitted: Option<Admitted>,
 }
 
 impl HeaderDeadline {
@@ -84,6 +112,7 @@ impl HeaderDeadline {
             inner,
             deadline,
             tail: [0; 3],
+            admitted: None,
         }
     }
 }

@@ -128,7 +128,11 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
         .map(|r| (r, routing::security_headers(&r.security_headers)))
         .map(|(r, (security_headers, hsts))| RouteEntry {
             name: r.name.clone(),
-            host: r.host.as_deref().map(routing::normalize_host),
+            host: r
+                .host
+                .as_deref()
+                .map(|h| routing::normalize_host(h).into_owned()),
+            metrics: metrics::RouteMetrics::new(&metrics, &r.name, &r.upstream),
             path_prefix: r.path_prefix.clone(),
             upstream: r.upstream.clone(),
             max_body_bytes: r.max_body_bytes.unwrap_or(config.limits.max_body_bytes),

@@ -192,27 +192,81 @@ impl Default for Metrics {
     }
 }
 
+/// The method labels: the standard methods by name, anything else `other`.
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other",
+];
+/// The status-class labels.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The index of a request method's label in `METHODS`.
+fn method_index(m: &http::Method) -> usize {
+    METHODS[..7]
+        .iter()
+        .position(|x| *x == m.as_str())
+        .unwrap_or(7)
+}
+
+/// The index of a status's class in `CLASSES` (0, or anything else odd, counts as `5xx`).
+fn class_index(status: u16) -> usize {
+    match status {
+        100..=499 => usize::from(status / 100) - 1,
+        _ => 4,
+    }
+}
+
 /// A bounded label for a request method: the standard ones by name, anything else `other`.
 pub fn method_label(m: &http::Method) -> &'static str {
-    match m.as_str() {
-        "GET" => "GET",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "PATCH" => "PATCH",
-        "DELETE" => "DELETE",
-        "HEAD" => "HEAD",
-        "OPTIONS" => "OPTIONS",
-        _ => "other",
-    }
+    METHODS[method_index(m)]
 }
 
 /// `2xx`, `4xx`, …
 pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+    CLASSES[class_index(status)]
+}
+
+/// One route's request metrics, resolved once instead of looked up by label on every request.
+/// Request counters are resolved on first use, so a route exports only the method and status
+/// pairs it has seen.
+pub struct RouteMetrics {
+    metrics: Metrics,
+    route: String,
+    requests: [std::sync::OnceLock<prometheus::IntCounter>; METHODS.len() * CLASSES.len()],
+    /// `vigil_proxy_request_duration_seconds{route}`
+    pub duration: prometheus::Histogram,
+    /// `vigil_proxy_upstream_duration_seconds{route,upstream}`
+    pub upstream_duration: prometheus::Histogram,
+}
+
+impl RouteMetrics {
+    /// The metrics of route `route`, whose upstream is `upstream`.
+    pub fn new(metrics: &Metrics, route: &str, upstream: &str) -> Self {
+        Self {
+            duration: metrics.request_duration.with_label_values(&[route]),
+            upstream_duration: metrics
+                .upstream_duration
+                .with_label_values(&[route, upstream]),
+            requests: std::array::from_fn(|_| std::sync::OnceLock::new()),
+            metrics: metrics.clone(),
+            route: route.to_owned(),
+        }
+    }
+
+    /// `vigil_proxy_requests_total{route,method,status_class}` for one request.
+    pub fn requests(&self, method: &http::Method, status: u16) -> &prometheus::IntCounter {
+        let (m, c) = (method_index(method), class_index(status));
+        self.requests[m * CLASSES.len() + c].get_or_init(|| {
+            self.metrics
+                .requests
+                .with_label_values(&[self.route.as_str(), METHODS[m], CLASSES[c]])
+        })
+    }
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("route", &self.route)
+            .finish()
     }
 }

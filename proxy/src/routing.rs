@@ -28,6 +28,8 @@ pub struct RouteEntry {
     pub cors: Option<crate::config::Cors>,
     /// Response compression level, if on.
     pub compression_level: Option<u32>,
+    /// The route's request metrics.
+    pub metrics: crate::metrics::RouteMetrics,
 }
 
 impl RouteEntry {
@@ -125,7 +127,8 @@ pub fn security_headers(
 }
 
 /// `Example.COM:8443` → `example.com`; `[::1]:8443` → `[::1]`; a trailing dot is dropped.
-pub fn normalize_host(host: &str) -> String {
+/// A host already in that form is borrowed, not copied.
+pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     let host = if host.starts_with('[') {
         host.split_inclusive(']').next().unwrap_or(host)
     } else {
@@ -137,7 +140,12 @@ pub fn normalize_host(host: &str) -> String {
             }
         })
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase().into()
+    } else {
+        host.into()
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +164,7 @@ mod tests {
             hsts: None,
             cors: None,
             compression_level: None,
+            metrics: crate::metrics::RouteMetrics::new(&crate::metrics::Metrics::new(), name, "u"),
         }
     }
 

@@ -54,6 +54,8 @@ pub struct Ctx {
     pending: Option<Rejection>,
     body_bytes: u64,
     in_flight: bool,
+    /// `req.client_ip` as text (for `X-Forwarded-For` and the access log), made once.
+    client_ip_text: String,
 }
 
 /// Headers a client may not set: the proxy speaks for the caller's identity.
@@ -132,8 +134,34 @@ fn new_request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    format!("{prefix:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for v in [prefix, n] {
+        for shift in (0..16).rev() {
+            id.push(char::from(HEX[((v >> (shift * 4)) & 0xf) as usize]));
+        }
+    }
+    id
+}
+
+/// An address as text, without `fmt`'s machinery for the common IPv4 case.
+pub fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut out = String::with_capacity(15);
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
+            out
+        }
+        IpAddr::V6(_) => ip.to_string(),
+    }
 }
 
 fn valid_request_id(v: &str) -> bool {
@@ -142,18 +170,13 @@ fn valid_request_id(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-/// The request's host: the `:authority` (h2, absolute form) or the `Host` header.
+/// The request's host: the `:authority` (h2, absolute form) or the `Host` header, normalized.
 fn request_host(req: &RequestHeader) -> Option<String> {
     req.uri
         .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .map(|h| normalize_host(&h))
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .map(|h| normalize_host(h).into_owned())
 }
 
 fn header_size(req: &RequestHeader) -> usize {
@@ -184,6 +207,7 @@ impl ProxyHttp for Edge {
             pending: None,
             body_bytes: 0,
             in_flight: false,
+            client_ip_text: String::new(),
         }
     }
 
@@ -207,6 +231,7 @@ impl ProxyHttp for Edge {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
         ctx.req.client_ip = client_ip(peer, xff, |ip| self.trusted(&built, ip));
+        ctx.client_ip_text = ip_text(ctx.req.client_ip);
         ctx.req.request_id = req
             .headers
             .get("x-request-id")
@@ -391,7 +416,7 @@ impl ProxyHttp for Edge {
                 .and_then(|v| v.to_str().ok()),
         ) {
             (Some(p), Some(prior)) if self.trusted(&ctx.built, p) => format!("{prior}, {p}"),
-            _ => ctx.req.client_ip.to_string(),
+            _ => ctx.client_ip_text.clone(),
         };
         up.insert_header("x-forwarded-for", forwarded_for)?;
         up.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
@@ -555,21 +580,25 @@ impl ProxyHttp for Edge {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route.as_ref().map_or("unmatched", |r| r.name.as_str());
         let req = session.req_header();
-        let method = method_label(&req.method);
         let elapsed = ctx.started.elapsed();
-        self.metrics
-            .requests
-            .with_label_values(&[route, method, status_class(status)])
-            .inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
-        if let (Some(ms), Some(r)) = (ctx.upstream_ms, &ctx.route) {
-            self.metrics
-                .upstream_duration
-                .with_label_values(&[route, r.upstream.as_str()])
-                .observe(ms / 1000.0);
+        match &ctx.route {
+            Some(r) => {
+                r.metrics.requests(&req.method, status).inc();
+                r.metrics.duration.observe(elapsed.as_secs_f64());
+                if let Some(ms) = ctx.upstream_ms {
+                    r.metrics.upstream_duration.observe(ms / 1000.0);
+                }
+            }
+            None => {
+                self.metrics
+                    .requests
+                    .with_label_values(&[route, method_label(&req.method), status_class(status)])
+                    .inc();
+                self.metrics
+                    .request_duration
+                    .with_label_values(&[route])
+                    .observe(elapsed.as_secs_f64());
+            }
         }
         let (stage, reason) = (ctx.req.stage.unwrap_or(""), ctx.req.reason.unwrap_or(""));
         match ctx.req.decision {
@@ -595,12 +624,12 @@ impl ProxyHttp for Edge {
             .and_then(|d| d.ssl_digest.as_ref())
             .map_or("", |d| crate::tls::normalize_version(Some(&d.version)));
         self.access_log.write(&crate::access_log::Line {
-            ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ts: crate::access_log::timestamp(),
             level: "info",
             service: "proxy",
             request_id: &ctx.req.request_id,
             trace_id: "",
-            client_ip: ctx.req.client_ip.to_string(),
+            client_ip: &ctx.client_ip_text,
             method: req.method.as_str(),
             host: ctx.host.as_deref().unwrap_or(""),
             route,
