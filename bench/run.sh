@@ -2,17 +2,23 @@
 # The proxy benchmark: every target against the same upstream, measured in one run.
 #
 #   S0     the upstream directly (nginx, 1 worker, a fixed small JSON body)
-#   floor  Pingora with an empty ProxyHttp (bench/floor): what the framework itself costs
+#   floor  Pingora with an empty ProxyHttp (bench/tools floor): what the framework itself costs
+#   floorm the same floor on mimalloc, vigil's allocator (information: what the allocator is worth)
 #   nginx  nginx as a reverse proxy, 1 worker, upstream keep-alive
 #   S1     vigil over plain HTTP, one route, no filters
 #   S2     vigil over HTTPS (TLS 1.3), keep-alive
+#   S3w    S1 + jwt (ES256), 1,000 distinct tokens: the verified-token cache at work
+#   S3c    S1 + jwt (ES256), a fresh token per request: a signature check on every request
+#   S3h    S1 + jwt (HS256), a fresh token per request
 #
 # Method: the proxy under test pinned to CPU 0, the load generator and the upstream to CPU 1;
 # one worker thread each; RUNS runs of DURATION seconds flat out (wrk) per target, medians.
 # The primary figure is the proxy's CPU microseconds per request (utime+stime from /proc over
 # the requests wrk completed), then req/s; p50/p99 come from oha at a fixed RATE with
 # --latency-correction when oha is installed (cargo install oha). Ratios against nginx and the
-# floor close the table. Loopback only; every run is bounded by its duration.
+# floor close the table, then the goals. "Fresh" token scenarios cycle through more distinct
+# tokens than the cache holds; the table's hit column is the cache's measured hit ratio.
+# Loopback only; every run is bounded by its duration. TARGETS="S1 S3w" runs a subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -22,12 +28,12 @@ RATE=${RATE:-5000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
+FRESH_TOKENS=${FRESH_TOKENS:-60000}
+read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S3w S3c S3h}"
 
 for tool in nginx wrk taskset python3; do
   command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y nginx-light wrk util-linux)" >&2; exit 1; }
 done
-cargo build --profile "$PROFILE" -p vigil --bin vigil -p vigil-bench-floor --bin floor >&2
-bin=target/$PROFILE
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -36,11 +42,17 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
+bin=target/$PROFILE
+# The floor twice: on mimalloc (kept aside), then as the issue defines it (system allocator).
+cargo build --profile "$PROFILE" -p vigil-bench --bin floor --features mimalloc >&2
+cp "$bin/floor" "$work/floor-mimalloc"
+cargo build --profile "$PROFILE" -p vigil --bin vigil -p vigil-bench --bin floor --bin mint-tokens >&2
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
-up=$(free_port); ngx=$(free_port); flo=$(free_port); s1=$(free_port); s2=$(free_port); adm=$(free_port)
+up=$(free_port); ngx=$(free_port); flo=$(free_port); flm=$(free_port); s1=$(free_port); s2=$(free_port); adm=$(free_port)
 
-nginx_conf() { # name listen body
+nginx_conf() { # name listen http-extra server-body
   mkdir -p "$work/$1"
   cat >"$work/$1/nginx.conf" <<EOF
 worker_processes 1;
@@ -65,6 +77,13 @@ taskset -c "$LOAD_CPU" nginx -e "$work/upstream/error.log" -p "$work/upstream" -
 taskset -c "$PROXY_CPU" nginx -e "$work/proxy/error.log" -p "$work/proxy" -c "$work/proxy/nginx.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$bin/floor" "127.0.0.1:$flo" "127.0.0.1:$up" >"$work/floor.log" 2>&1 & pids+=($!)
 floor_pid=$!
+taskset -c "$PROXY_CPU" "$work/floor-mimalloc" "127.0.0.1:$flm" "127.0.0.1:$up" >"$work/floorm.log" 2>&1 & pids+=($!)
+floorm_pid=$!
+
+# Tokens: 1,000 for the cached scenario, FRESH_TOKENS (more than the cache's 10,000) for the others.
+"$bin/mint-tokens" ES256 1000 "$work/es-warm"
+"$bin/mint-tokens" ES256 "$FRESH_TOKENS" "$work/es-fresh"
+"$bin/mint-tokens" HS256 "$FRESH_TOKENS" "$work/hs-fresh"
 cat >"$work/proxy.toml" <<EOF
 [listen]
 http = "127.0.0.1:$s1"
@@ -78,27 +97,91 @@ max_connections = 100000
 [upstreams.bench]
 addrs = ["127.0.0.1:$up"]
 health_check = { kind = "tcp", interval_ms = 60000 }
+[filters.es_warm]
+kind = "jwt"
+issuer = "vigil-auth"
+audiences = ["vigil"]
+algorithms = ["ES256"]
+key_files = [{ path = "$work/es-warm/key" }]
+[filters.es_fresh]
+kind = "jwt"
+issuer = "vigil-auth"
+audiences = ["vigil"]
+algorithms = ["ES256"]
+key_files = [{ path = "$work/es-fresh/key" }]
+[filters.hs_fresh]
+kind = "jwt"
+issuer = "vigil-auth"
+audiences = ["vigil"]
+algorithms = ["HS256"]
+hmac_secrets = [{ file = "$work/hs-fresh/key", kid = "bench-hs" }]
 [[routes]]
 name = "bench"
 path_prefix = "/"
 upstream = "bench"
+[[routes]]
+name = "es_warm"
+path_prefix = "/es-warm/"
+upstream = "bench"
+filters = ["es_warm"]
+[[routes]]
+name = "es_fresh"
+path_prefix = "/es-fresh/"
+upstream = "bench"
+filters = ["es_fresh"]
+[[routes]]
+name = "hs_fresh"
+path_prefix = "/hs-fresh/"
+upstream = "bench"
+filters = ["hs_fresh"]
 EOF
 RUST_LOG=warn taskset -c "$PROXY_CPU" "$bin/vigil" proxy --config "$work/proxy.toml" --threads 1 \
   --upgrade-sock "$work/upgrade.sock" >/dev/null 2>"$work/vigil.err" & pids+=($!)
 vigil_pid=$!
-for p in "$up" "$ngx" "$flo" "$s1" "$s2"; do wait_port "$p"; done
+for p in "$up" "$ngx" "$flo" "$flm" "$s1" "$s2" "$adm"; do wait_port "$p"; done
+cat >"$work/tokens.lua" <<'EOF'
+-- Each request carries the next token of the file given after `--`, round robin.
+local tokens, i = {}, 0
+function init(args)
+  for line in io.lines(args[1]) do tokens[#tokens + 1] = "Bearer " .. line end
+end
+function request()
+  i = i % #tokens + 1
+  return wrk.format("GET", nil, { ["Authorization"] = tokens[i] })
+end
+EOF
 worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
-declare -A PID=([S0]=$(worker_of upstream) [floor]=$floor_pid [nginx]=$(worker_of proxy) [S1]=$vigil_pid [S2]=$vigil_pid)
-declare -A URL=([S0]="http://127.0.0.1:$up/" [floor]="http://127.0.0.1:$flo/" [nginx]="http://127.0.0.1:$ngx/"
-  [S1]="http://127.0.0.1:$s1/" [S2]="https://127.0.0.1:$s2/")
+declare -A PID=([S0]=$(worker_of upstream) [floor]=$floor_pid [floorm]=$floorm_pid [nginx]=$(worker_of proxy)
+  [S1]=$vigil_pid [S2]=$vigil_pid [S3w]=$vigil_pid [S3c]=$vigil_pid [S3h]=$vigil_pid)
+declare -A URL=([S0]="http://127.0.0.1:$up/" [floor]="http://127.0.0.1:$flo/" [floorm]="http://127.0.0.1:$flm/"
+  [nginx]="http://127.0.0.1:$ngx/" [S1]="http://127.0.0.1:$s1/" [S2]="https://127.0.0.1:$s2/"
+  [S3w]="http://127.0.0.1:$s1/es-warm/" [S3c]="http://127.0.0.1:$s1/es-fresh/" [S3h]="http://127.0.0.1:$s1/hs-fresh/")
+declare -A TOKENS=([S3w]="$work/es-warm/tokens" [S3c]="$work/es-fresh/tokens" [S3h]="$work/hs-fresh/tokens")
+declare -A ROUTE=([S3w]=es_warm [S3c]=es_fresh [S3h]=hs_fresh)
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+load() { # TARGET DURATION -> wrk output
+  local script=()
+  [ -n "${TOKENS[$1]:-}" ] && script=(-s "$work/tokens.lua" "${URL[$1]}" -- "${TOKENS[$1]}")
+  [ ${#script[@]} -eq 0 ] && script=("${URL[$1]}")
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2s" "${script[@]}"
+}
+# jwt cache lookups of a route's filter: "hits misses"
+cache() {
+  curl -s "http://127.0.0.1:$adm/metrics" | python3 -c '
+import sys, re
+t = sys.stdin.read()
+def get(r):
+    m = re.search(r"vigil_proxy_jwt_cache_lookups_total\{issuer=\"vigil-auth\",result=\"%s\"\} (\S+)" % r, t)
+    return float(m.group(1)) if m else 0.0
+print(get("hit"), get("miss"))'
+}
 
 # run TARGET -> "req_per_sec cpu_us_per_req"
 run() {
   local before after out reqs secs
   before=$(cpu_ticks "${PID[$1]}")
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "${URL[$1]}")
+  out=$(load "$1" "$DURATION")
   after=$(cpu_ticks "${PID[$1]}")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   secs=$(awk '/requests in/ {gsub("s,", "", $4); print $4}' <<<"$out")
@@ -107,42 +190,55 @@ run() {
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 latency() { # TARGET -> "p50_ms p99_ms" from oha at a fixed rate, or "- -"
-  command -v oha >/dev/null || { echo "- -"; return; }
+  if ! command -v oha >/dev/null || [ -n "${TOKENS[$1]:-}" ]; then echo "- -"; return; fi
   taskset -c "$LOAD_CPU" oha --no-tui --insecure -z "${DURATION}s" -q "$RATE" --latency-correction -c "$CONNECTIONS" \
     --output-format json "${URL[$1]}" 2>/dev/null |
     python3 -c 'import json, sys; p = json.load(sys.stdin)["latencyPercentiles"]; print("%.3f %.3f" % (p["p50"] * 1000, p["p99"] * 1000))'
 }
 
-targets=(S0 floor nginx S1 S2)
-declare -A RPS CPU P50 P99
+declare -A RPS CPU P50 P99 HIT
 for t in "${targets[@]}"; do
-  wrk -t1 -c"$CONNECTIONS" -d2s "${URL[$t]}" >/dev/null # warm-up: connections, caches, TLS sessions
+  load "$t" 2 >/dev/null # warm-up: connections, caches, TLS sessions
+  read -r h0 m0 <<<"$(cache)"
   rps=(); cpu=()
   for _ in $(seq "$RUNS"); do
     read -r r c <<<"$(run "$t")"
     rps+=("$r"); cpu+=("$c")
   done
+  read -r h1 m1 <<<"$(cache)"
+  HIT[$t]=$(python3 -c "import sys; h,m=float(sys.argv[1]),float(sys.argv[2]); print(f'{h/(h+m):.2f}' if h+m else '-')" "$(python3 -c "print($h1-$h0)")" "$(python3 -c "print($m1-$m0)")")
   RPS[$t]=$(printf '%s\n' "${rps[@]}" | median)
   CPU[$t]=$(printf '%s\n' "${cpu[@]}" | median)
   read -r P50[$t] P99[$t] <<<"$(latency "$t")"
-  echo "$t: ${RPS[$t]} req/s, ${CPU[$t]} us/req (runs: ${rps[*]} | ${cpu[*]})" >&2
+  echo "$t: ${RPS[$t]} req/s, ${CPU[$t]} us/req (runs: ${rps[*]} | ${cpu[*]}), jwt cache hit ratio ${HIT[$t]}" >&2
 done
 
 echo
 echo "vigil proxy benchmark: $(nproc) cores, proxy on CPU $PROXY_CPU, wrk+upstream on CPU $LOAD_CPU, profile $PROFILE,"
 echo "$CONNECTIONS connections, median of $RUNS x ${DURATION}s; latency: oha at $RATE req/s with latency correction"
-printf '%-6s %10s %10s %9s %9s %11s %11s %11s\n' target cpu_us/req req/s p50_ms p99_ms cpu/nginx rps/nginx cpu/floor
+printf '%-6s %10s %10s %9s %9s %9s %11s %11s %11s\n' target cpu_us/req req/s p50_ms p99_ms jwt_hits cpu/nginx rps/nginx cpu/floor
 for t in "${targets[@]}"; do
-  python3 - "$t" "${CPU[$t]}" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "${CPU[nginx]}" "${RPS[nginx]}" "${CPU[floor]}" <<'PY'
+  python3 - "$t" "${CPU[$t]}" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "${HIT[$t]}" "${CPU[nginx]:-0}" "${RPS[nginx]:-0}" "${CPU[floor]:-0}" <<'PY'
 import sys
-t, cpu, rps, p50, p99, cpu_n, rps_n, cpu_f = sys.argv[1:]
+t, cpu, rps, p50, p99, hit, cpu_n, rps_n, cpu_f = sys.argv[1:]
 cpu, rps, cpu_n, rps_n, cpu_f = map(float, (cpu, rps, cpu_n, rps_n, cpu_f))
-print(f"{t:<6} {cpu:10.2f} {rps:10.0f} {p50:>9} {p99:>9} {cpu/cpu_n:11.2f} {rps/rps_n:11.2f} {cpu/cpu_f:11.2f}")
+r = lambda a, b: f"{a / b:11.2f}" if b else f"{'-':>11}"
+print(f"{t:<6} {cpu:10.2f} {rps:10.0f} {p50:>9} {p99:>9} {hit:>9} {r(cpu, cpu_n)} {r(rps, rps_n)} {r(cpu, cpu_f)}")
 PY
 done
-python3 - "${CPU[S1]}" "${CPU[S2]}" "${CPU[floor]}" "${RPS[S1]}" "${RPS[nginx]}" <<'PY'
-import sys
-s1, s2, floor, rps_s1, rps_nginx = map(float, sys.argv[1:])
+python3 - <<PY
+cpu = {k: float(v) for k, v in [$(for t in "${targets[@]}"; do printf '("%s", "%s"),' "$t" "${CPU[$t]}"; done)]}
+rps = {k: float(v) for k, v in [$(for t in "${targets[@]}"; do printf '("%s", "%s"),' "$t" "${RPS[$t]}"; done)]}
 print()
-print(f"goals: S1 cpu/floor {s1/floor:.2f} (<= 1.15)   S1 rps/nginx {rps_s1/rps_nginx:.2f} (>= 0.5)   S2 - S1 {s2-s1:+.2f} us/req (<= 6)")
+goals = []
+if {"S1", "floor"} <= cpu.keys(): goals.append(f"S1 cpu/floor {cpu['S1']/cpu['floor']:.2f} (<= 1.15)")
+if {"S1", "floorm"} <= cpu.keys(): goals.append(f"[S1 cpu/floorm {cpu['S1']/cpu['floorm']:.2f}]")
+if {"S1", "nginx"} <= rps.keys(): goals.append(f"S1 rps/nginx {rps['S1']/rps['nginx']:.2f} (>= 0.5)")
+if {"S1", "S2"} <= cpu.keys(): goals.append(f"S2 - S1 {cpu['S2']-cpu['S1']:+.2f} us/req (<= 6)")
+if goals: print("issue 3 goals: " + "   ".join(goals))
+goals = []
+if {"S1", "S3w"} <= rps.keys(): goals.append(f"S3w rps/S1 {rps['S3w']/rps['S1']:.2f} (>= 0.90)")
+if "S3c" in rps: goals.append(f"S3c {rps['S3c']:.0f} req/s per proxy core (>= 11000)")
+if {"S1", "S3h"} <= rps.keys(): goals.append(f"S3h rps/S1 {rps['S3h']/rps['S1']:.2f} (>= 0.90)")
+if goals: print("issue 4 goals: " + "   ".join(goals))
 PY

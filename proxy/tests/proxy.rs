@@ -206,6 +206,18 @@ impl Edge {
             .collect()
     }
 
+    /// The last access-log line `pred` accepts; lines are written after the response is sent,
+    /// so this polls (bounded).
+    async fn log_line(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..200 {
+            if let Some(line) = self.log_lines().into_iter().rev().find(|l| pred(l)) {
+                return line;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no such access-log line in {:?}", self.log_lines());
+    }
+
     fn metric(&self, series: &str) -> f64 {
         self.metrics
             .render()
@@ -1208,4 +1220,198 @@ async fn a_path_that_is_not_utf8_is_refused_before_any_filter() {
         edge.log_lines().is_empty(),
         "nothing was proxied or filtered"
     );
+}
+
+/// An HS256 token for `sub` with `role`, signed with `secret`, valid for 15 minutes.
+fn hs256(secret: &[u8], sub: &str, role: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({"iss": "edge-test", "aud": "api", "sub": sub, "role": role,
+        "iat": now, "exp": now + 900});
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("h1".into());
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+const JWT: &str = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+health_check = { kind = "tcp", interval_ms = 200 }
+
+[filters.auth]
+kind = "jwt"
+issuer = "edge-test"
+audiences = ["api"]
+algorithms = ["HS256"]
+hmac_secrets = [{ file = "{secret}", kid = "h1" }]
+forward_claims = { sub = "x-vigil-subject", role = "x-vigil-role" }
+
+[filters.maybe]
+kind = "jwt"
+issuer = "edge-test"
+audiences = ["api"]
+algorithms = ["HS256"]
+hmac_secrets = [{ file = "{secret}", kid = "h1" }]
+required = false
+
+[filters.watch]
+kind = "jwt"
+issuer = "edge-test"
+audiences = ["api"]
+algorithms = ["HS256"]
+hmac_secrets = [{ file = "{secret}", kid = "h1" }]
+mode = "shadow"
+
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+filters = ["auth"]
+
+[[routes]]
+name = "maybe"
+path_prefix = "/maybe/"
+upstream = "echo"
+filters = ["maybe"]
+
+[[routes]]
+name = "watch"
+path_prefix = "/watch/"
+upstream = "echo"
+filters = ["watch"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jwt_filter_tells_the_upstream_who_the_caller_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    let secret = b"a secret of at least thirty-two bytes, for HS256".to_vec();
+    std::fs::write(&secret_file, &secret).unwrap();
+    let toml = JWT.replace("{secret}", &secret_file.display().to_string());
+    let edge = Edge::start(&toml, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    let token = hs256(&secret, "alice", "user");
+
+    // The caller's claims reach the upstream; the client's own identity headers do not.
+    let r = c
+        .get(format!("{}/api/x", edge.http))
+        .bearer_auth(&token)
+        .header("x-vigil-subject", "mallory")
+        .header("x-vigil-role", "admin")
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["headers"]["x-vigil-subject"], "alice");
+    assert_eq!(body["headers"]["x-vigil-role"], "user");
+    assert_eq!(
+        body["headers"]["authorization"],
+        format!("Bearer {token}"),
+        "the token itself still goes upstream"
+    );
+    let line = edge.log_line(|l| l["route"] == "api").await;
+    assert_eq!(line["subject"], "alice");
+
+    let r = c
+        .get(format!("{}/api/x", edge.http))
+        .header("x-vigil-subject", "mallory")
+        .send()
+        .await
+        .unwrap();
+    let got = json(r).await;
+    assert_rejection(&got, 401, "jwt", "missing");
+    assert_eq!(got.1["www-authenticate"], r#"Bearer realm="vigil""#);
+
+    // Optional: no token passes, anonymous (the spoofed subject is gone); a bad one does not.
+    let r = c
+        .get(format!("{}/maybe/x", edge.http))
+        .header("x-vigil-subject", "mallory")
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json(r).await;
+    assert_eq!(status, 200);
+    assert!(body["headers"].get("x-vigil-subject").is_none(), "{body}");
+    let forged = hs256(
+        b"another secret of at least thirty-two bytes",
+        "alice",
+        "user",
+    );
+    let r = c
+        .get(format!("{}/maybe/x", edge.http))
+        .bearer_auth(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_rejection(&json(r).await, 401, "jwt", "bad_signature");
+
+    // Shadow: the forged token goes through, logged and counted as what would have happened.
+    let r = c
+        .get(format!("{}/watch/x", edge.http))
+        .bearer_auth(&forged)
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json(r).await;
+    assert_eq!(status, 200);
+    assert!(
+        body["headers"].get("x-vigil-subject").is_none(),
+        "no identity from a bad token"
+    );
+    let line = edge.log_line(|l| l["route"] == "watch").await;
+    assert_eq!(
+        (
+            line["decision"].as_str(),
+            line["stage"].as_str(),
+            line["reason"].as_str()
+        ),
+        (Some("shadow"), Some("jwt"), Some("bad_signature"))
+    );
+    assert_eq!(
+        edge.metric(r#"vigil_proxy_shadow_decisions_total{reason="bad_signature",route="watch",stage="jwt"}"#),
+        1.0
+    );
+    assert_eq!(
+        edge.metric(
+            r#"vigil_proxy_jwt_validations_total{issuer="edge-test",result="bad_signature"}"#
+        ),
+        2.0
+    );
+
+    // A rotated secret is read on reload: the old token is refused, a new one passes.
+    let rotated = b"the next secret, also thirty-two bytes or more".to_vec();
+    std::fs::write(&secret_file, &rotated).unwrap();
+    edge.reloader.reload().unwrap();
+    let status = |t: String| {
+        let c = c.clone();
+        let url = format!("{}/api/x", edge.http);
+        async move {
+            c.get(url)
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(token.clone()).await, 401);
+    assert_eq!(status(hs256(&rotated, "alice", "user")).await, 200);
+
+    // A secret that cannot be read fails the reload and names the key; the old config serves.
+    std::fs::remove_file(&secret_file).unwrap();
+    let err = edge.reloader.reload().unwrap_err().to_string();
+    assert!(
+        err.contains("filters.auth.hmac_secrets[0]: cannot read"),
+        "{err}"
+    );
+    assert_eq!(status(hs256(&rotated, "alice", "user")).await, 200);
 }

@@ -118,6 +118,18 @@ impl Running {
             .collect()
     }
 
+    /// The last access-log line `pred` accepts. Lines are written after the response has
+    /// gone out, so this polls (bounded).
+    pub async fn access_log_line(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..200 {
+            if let Some(line) = self.access_log().into_iter().rev().find(|l| pred(l)) {
+                return line;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no such access-log line");
+    }
+
     /// The value of one proxy metric series (`name{labels}` exactly as exported), 0 if absent.
     pub async fn proxy_metric(&self, series: &str) -> f64 {
         metric(&self.proxy_metrics_url, series).await

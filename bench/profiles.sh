@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# What each release-profile setting is worth: vigil (S1: plain HTTP, one route, no filters) and
+# the floor proxy built with each profile below, measured in one run against the same upstream.
+#
+#   release     cargo's release defaults (thin local LTO, 16 codegen units, unwinding)
+#   perf-lto    + fat LTO
+#   perf        + one codegen unit (what bench/run.sh uses)
+#   perf-abort  + panic = "abort"
+#
+# Same method as bench/run.sh (proxies on CPU 0, wrk and the upstream on CPU 1, CPU
+# microseconds per request from /proc, medians of RUNS runs); the profiles are measured in
+# turn, round after round, so a drift of the machine hits them all alike.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+RUNS=${RUNS:-3}
+CONNECTIONS=${CONNECTIONS:-32}
+read -r -a PROFILES <<<"${PROFILES:-release perf-lto perf perf-abort}"
+for tool in nginx wrk taskset python3; do
+  command -v "$tool" >/dev/null || { echo "bench/profiles.sh needs $tool" >&2; exit 1; }
+done
+for p in "${PROFILES[@]}"; do
+  cargo build --profile "$p" -p vigil --bin vigil -p vigil-bench --bin floor >&2
+done
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
+up=$(free_port)
+mkdir -p "$work/u"
+body='{"ok":true,"service":"bench","items":[1,2,3]}'
+printf '%s\n' "worker_processes 1; daemon off; pid $work/u/nginx.pid; error_log $work/u/error.log warn;" \
+  "events { worker_connections 4096; }" \
+  "http { access_log off; keepalive_requests 100000000;" \
+  "  client_body_temp_path $work/u; proxy_temp_path $work/u; fastcgi_temp_path $work/u; uwsgi_temp_path $work/u; scgi_temp_path $work/u;" \
+  "  server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '$body'; } } }" \
+  >"$work/u/nginx.conf"
+taskset -c 1 nginx -e "$work/u/error.log" -p "$work/u" -c "$work/u/nginx.conf" & pids+=($!)
+declare -A PID URL
+for p in "${PROFILES[@]}"; do
+  fp=$(free_port); vp=$(free_port)
+  taskset -c 0 "target/$p/floor" "127.0.0.1:$fp" "127.0.0.1:$up" >/dev/null 2>&1 & pids+=($!)
+  PID[floor-$p]=$!; URL[floor-$p]="http://127.0.0.1:$fp/"
+  printf '%s\n' "[listen]" "http = \"127.0.0.1:$vp\"" "http_redirect = false" \
+    "https = \"127.0.0.1:$(free_port)\"" "admin = \"127.0.0.1:$(free_port)\"" \
+    "[tls]" "generated_dir = \"$work/certs-$p\"" "[limits]" "max_connections = 100000" \
+    "[upstreams.bench]" "addrs = [\"127.0.0.1:$up\"]" \
+    "health_check = { kind = \"tcp\", interval_ms = 60000 }" \
+    "[[routes]]" "name = \"bench\"" "path_prefix = \"/\"" "upstream = \"bench\"" >"$work/$p.toml"
+  RUST_LOG=warn taskset -c 0 "target/$p/vigil" proxy --config "$work/$p.toml" --threads 1 \
+    --upgrade-sock "$work/$p.sock" >/dev/null 2>"$work/$p.err" & pids+=($!)
+  PID[S1-$p]=$!; URL[S1-$p]="http://127.0.0.1:$vp/"
+  wait_port "$fp"; wait_port "$vp"
+done
+wait_port "$up"
+ticks=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+run() { # KEY -> cpu_us_per_req
+  local before after out reqs
+  before=$(cpu_ticks "${PID[$1]}")
+  out=$(taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "${URL[$1]}")
+  after=$(cpu_ticks "${PID[$1]}")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  python3 -c "import sys; r,t,hz=map(float,sys.argv[1:]); print(f'{t/hz*1e6/r:.2f}')" "$reqs" "$((after - before))" "$ticks"
+}
+declare -A ALL
+for k in "${!URL[@]}"; do taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d2s "${URL[$k]}" >/dev/null; done
+for round in $(seq "$RUNS"); do
+  for p in "${PROFILES[@]}"; do
+    for w in floor S1; do
+      ALL[$w-$p]+="$(run "$w-$p") "
+    done
+  done
+  echo "round $round of $RUNS done" >&2
+done
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo
+echo "release-profile settings: CPU microseconds per request (median of $RUNS x ${DURATION}s, $CONNECTIONS connections)"
+printf '%-11s %9s %9s %14s %11s %9s\n' profile floor S1 floor/release S1/release S1/floor
+f0=$(median <<<"${ALL[floor-${PROFILES[0]}]}"); s0=$(median <<<"${ALL[S1-${PROFILES[0]}]}")
+for p in "${PROFILES[@]}"; do
+  f=$(median <<<"${ALL[floor-$p]}"); s=$(median <<<"${ALL[S1-$p]}")
+  python3 -c "import sys; p=sys.argv[1]; f,s,f0,s0=map(float,sys.argv[2:]); print(f'{p:<11} {f:9.2f} {s:9.2f} {f/f0:14.2f} {s/s0:11.2f} {s/f:9.2f}')" "$p" "$f" "$s" "$f0" "$s0"
+done
