@@ -20,7 +20,7 @@ for tool in nginx wrk taskset python3; do
   command -v "$tool" >/dev/null || { echo "bench/profiles.sh needs $tool" >&2; exit 1; }
 done
 for p in "${PROFILES[@]}"; do
-  cargo build --profile "$p" -p vigil --bin vigil -p vigil-bench --bin floor >&2
+  cargo build --profile "$p" -p vigil --bin vigil -p vigil-bench --bins >&2
 done
 work=$(mktemp -d)
 pids=()

@@ -3,7 +3,8 @@
 #
 #   S0     the upstream directly (nginx, 1 worker, a fixed small JSON body)
 #   floor  Pingora with an empty ProxyHttp (bench/tools floor): what the framework itself costs
-#   floorm the same floor on mimalloc, vigil's allocator (information: what the allocator is worth)
+#   floorm the same floor on mimalloc, vigil's allocator (for information: what the allocator
+#          is worth to Pingora itself)
 #   nginx  nginx as a reverse proxy, 1 worker, upstream keep-alive
 #   S1     vigil over plain HTTP, one route, no filters
 #   S2     vigil over HTTPS (TLS 1.3), keep-alive
@@ -16,8 +17,9 @@
 # The primary figure is the proxy's CPU microseconds per request (utime+stime from /proc over
 # the requests wrk completed), then req/s; p50/p99 come from oha at a fixed RATE with
 # --latency-correction when oha is installed (cargo install oha). Ratios against nginx and the
-# floor close the table, then the goals. "Fresh" token scenarios cycle through more distinct
-# tokens than the cache holds; the table's hit column is the cache's measured hit ratio.
+# floor close the table, then the goals. In the "fresh" token scenarios every load run (the
+# warm-up too) sends its own file of distinct tokens, more than a run can use, so no token is
+# ever sent twice; the table's hit column is the cache's measured hit ratio over the runs.
 # Loopback only; every run is bounded by its duration. TARGETS="S1 S3w" runs a subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +30,8 @@ RATE=${RATE:-5000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
-FRESH_TOKENS=${FRESH_TOKENS:-60000}
+FRESH_ES=${FRESH_ES:-150000}    # distinct ES256 tokens per load run (> S3c req/s x DURATION)
+FRESH_HS=${FRESH_HS:-350000}    # distinct HS256 tokens per load run (> S3h req/s x DURATION)
 read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S3w S3c S3h}"
 
 for tool in nginx wrk taskset python3; do
@@ -43,10 +46,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 bin=target/$PROFILE
-# The floor twice: on mimalloc (kept aside), then as the issue defines it (system allocator).
-cargo build --profile "$PROFILE" -p vigil-bench --bin floor --features mimalloc >&2
-cp "$bin/floor" "$work/floor-mimalloc"
-cargo build --profile "$PROFILE" -p vigil --bin vigil -p vigil-bench --bin floor --bin mint-tokens >&2
+cargo build --profile "$PROFILE" -p vigil --bin vigil -p vigil-bench --bins >&2
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
@@ -77,13 +77,14 @@ taskset -c "$LOAD_CPU" nginx -e "$work/upstream/error.log" -p "$work/upstream" -
 taskset -c "$PROXY_CPU" nginx -e "$work/proxy/error.log" -p "$work/proxy" -c "$work/proxy/nginx.conf" & pids+=($!)
 taskset -c "$PROXY_CPU" "$bin/floor" "127.0.0.1:$flo" "127.0.0.1:$up" >"$work/floor.log" 2>&1 & pids+=($!)
 floor_pid=$!
-taskset -c "$PROXY_CPU" "$work/floor-mimalloc" "127.0.0.1:$flm" "127.0.0.1:$up" >"$work/floorm.log" 2>&1 & pids+=($!)
+taskset -c "$PROXY_CPU" "$bin/floor-mimalloc" "127.0.0.1:$flm" "127.0.0.1:$up" >"$work/floorm.log" 2>&1 & pids+=($!)
 floorm_pid=$!
 
-# Tokens: 1,000 for the cached scenario, FRESH_TOKENS (more than the cache's 10,000) for the others.
-"$bin/mint-tokens" ES256 1000 "$work/es-warm"
-"$bin/mint-tokens" ES256 "$FRESH_TOKENS" "$work/es-fresh"
-"$bin/mint-tokens" HS256 "$FRESH_TOKENS" "$work/hs-fresh"
+# Tokens: 1,000 for the cached scenario (every run sends the same ones); one file of distinct
+# tokens per load run (warm-up and RUNS) for the fresh ones.
+"$bin/mint-tokens" ES256 1000 "$work/es-warm" "$((RUNS + 1))"
+"$bin/mint-tokens" ES256 "$FRESH_ES" "$work/es-fresh" "$((RUNS + 1))"
+"$bin/mint-tokens" HS256 "$FRESH_HS" "$work/hs-fresh" "$((RUNS + 1))"
 cat >"$work/proxy.toml" <<EOF
 [listen]
 http = "127.0.0.1:$s1"
@@ -156,15 +157,14 @@ declare -A PID=([S0]=$(worker_of upstream) [floor]=$floor_pid [floorm]=$floorm_p
 declare -A URL=([S0]="http://127.0.0.1:$up/" [floor]="http://127.0.0.1:$flo/" [floorm]="http://127.0.0.1:$flm/"
   [nginx]="http://127.0.0.1:$ngx/" [S1]="http://127.0.0.1:$s1/" [S2]="https://127.0.0.1:$s2/"
   [S3w]="http://127.0.0.1:$s1/es-warm/" [S3c]="http://127.0.0.1:$s1/es-fresh/" [S3h]="http://127.0.0.1:$s1/hs-fresh/")
-declare -A TOKENS=([S3w]="$work/es-warm/tokens" [S3c]="$work/es-fresh/tokens" [S3h]="$work/hs-fresh/tokens")
+declare -A TOKENS=([S3w]="$work/es-warm" [S3c]="$work/es-fresh" [S3h]="$work/hs-fresh")
 declare -A ROUTE=([S3w]=es_warm [S3c]=es_fresh [S3h]=hs_fresh)
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-load() { # TARGET DURATION -> wrk output
-  local script=()
-  [ -n "${TOKENS[$1]:-}" ] && script=(-s "$work/tokens.lua" "${URL[$1]}" -- "${TOKENS[$1]}")
-  [ ${#script[@]} -eq 0 ] && script=("${URL[$1]}")
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2s" "${script[@]}"
+load() { # TARGET DURATION RUN -> wrk output (RUN picks the token file: 0 is the warm-up)
+  local args=("${URL[$1]}")
+  [ -n "${TOKENS[$1]:-}" ] && args=(-s "$work/tokens.lua" "${URL[$1]}" -- "${TOKENS[$1]}/tokens-$3")
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2s" "${args[@]}"
 }
 # jwt cache lookups of a route's filter: "hits misses"
 cache() {
@@ -177,11 +177,11 @@ def get(r):
 print(get("hit"), get("miss"))'
 }
 
-# run TARGET -> "req_per_sec cpu_us_per_req"
+# run TARGET RUN -> "req_per_sec cpu_us_per_req"
 run() {
   local before after out reqs secs
   before=$(cpu_ticks "${PID[$1]}")
-  out=$(load "$1" "$DURATION")
+  out=$(load "$1" "$DURATION" "$2")
   after=$(cpu_ticks "${PID[$1]}")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   secs=$(awk '/requests in/ {gsub("s,", "", $4); print $4}' <<<"$out")
@@ -198,11 +198,11 @@ latency() { # TARGET -> "p50_ms p99_ms" from oha at a fixed rate, or "- -"
 
 declare -A RPS CPU P50 P99 HIT
 for t in "${targets[@]}"; do
-  load "$t" 2 >/dev/null # warm-up: connections, caches, TLS sessions
+  load "$t" 2 0 >/dev/null # warm-up: connections, caches, TLS sessions
   read -r h0 m0 <<<"$(cache)"
   rps=(); cpu=()
-  for _ in $(seq "$RUNS"); do
-    read -r r c <<<"$(run "$t")"
+  for i in $(seq "$RUNS"); do
+    read -r r c <<<"$(run "$t" "$i")"
     rps+=("$r"); cpu+=("$c")
   done
   read -r h1 m1 <<<"$(cache)"

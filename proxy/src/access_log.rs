@@ -7,8 +7,6 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use serde::Serialize;
-
 /// Where access-log lines go.
 #[derive(Debug, Clone, Default)]
 pub enum Sink {
@@ -23,7 +21,7 @@ pub enum Sink {
 }
 
 /// One request, as logged.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct Line<'a> {
     /// RFC 3339 with milliseconds, UTC.
     pub ts: String,
@@ -82,9 +80,7 @@ impl Sink {
         }
         SCRATCH.with_borrow_mut(|bytes| {
             bytes.clear();
-            if serde_json::to_writer(&mut *bytes, line).is_err() {
-                return;
-            }
+            line.write_json(bytes);
             bytes.push(b'\n');
             let target = match self {
                 Sink::Stdout => stdout_buffer(),
@@ -96,6 +92,87 @@ impl Sink {
                 write_out(&mut buf);
             }
         });
+    }
+}
+
+impl Line<'_> {
+    /// The line as one JSON object, fields in contract order. Values the proxy made itself
+    /// (ids, addresses, names from the config, bounded labels) are written as they are; the ones
+    /// a client chose (host, path, subject, user agent) are escaped.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let raw = |out: &mut Vec<u8>, key: &str, v: &str| {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":\"");
+            out.extend_from_slice(v.as_bytes());
+            out.push(b'"');
+        };
+        let escaped = |out: &mut Vec<u8>, key: &str, v: &str| {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            // Writing a &str into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, v);
+        };
+        let number = |out: &mut Vec<u8>, key: &str, v: &dyn std::fmt::Display| {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            let _ = write!(out, "{v}");
+        };
+        let mut ints = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"ts\":\"");
+        out.extend_from_slice(self.ts.as_bytes());
+        out.push(b'"');
+        raw(out, "level", self.level);
+        raw(out, "service", self.service);
+        escaped(out, "request_id", self.request_id);
+        raw(out, "trace_id", self.trace_id);
+        raw(out, "client_ip", self.client_ip);
+        escaped(out, "method", self.method);
+        escaped(out, "host", self.host);
+        escaped(out, "route", self.route);
+        escaped(out, "path", self.path);
+        out.extend_from_slice(b",\"status\":");
+        out.extend_from_slice(ints.format(self.status).as_bytes());
+        number(out, "duration_ms", &Millis(self.duration_ms));
+        match self.upstream_ms {
+            Some(ms) => number(out, "upstream_ms", &Millis(ms)),
+            None => out.extend_from_slice(b",\"upstream_ms\":null"),
+        }
+        out.extend_from_slice(b",\"bytes_in\":");
+        out.extend_from_slice(ints.format(self.bytes_in).as_bytes());
+        out.extend_from_slice(b",\"bytes_out\":");
+        out.extend_from_slice(ints.format(self.bytes_out).as_bytes());
+        escaped(out, "subject", self.subject);
+        raw(out, "decision", self.decision);
+        raw(out, "stage", self.stage);
+        raw(out, "reason", self.reason);
+        out.extend_from_slice(b",\"waf_rule_ids\":[");
+        for (i, id) in self.waf_rule_ids.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(ints.format(*id).as_bytes());
+        }
+        out.push(b']');
+        escaped(out, "ratelimit_policy", self.ratelimit_policy);
+        raw(out, "tls_version", self.tls_version);
+        escaped(out, "user_agent", self.user_agent);
+        out.push(b'}');
+    }
+}
+
+/// Milliseconds with microsecond precision (`0.325`), as a JSON number.
+struct Millis(f64);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_finite() {
+            write!(f, "{:.3}", self.0)
+        } else {
+            f.write_str("0")
+        }
     }
 }
 
@@ -162,6 +239,32 @@ fn write_out(buf: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
+    const FIELDS: [&str; 23] = [
+        "ts",
+        "level",
+        "service",
+        "request_id",
+        "trace_id",
+        "client_ip",
+        "method",
+        "host",
+        "route",
+        "path",
+        "status",
+        "duration_ms",
+        "upstream_ms",
+        "bytes_in",
+        "bytes_out",
+        "subject",
+        "decision",
+        "stage",
+        "reason",
+        "waf_rule_ids",
+        "ratelimit_policy",
+        "tls_version",
+        "user_agent",
+    ];
+
     #[test]
     fn timestamps_are_rfc3339_utc_with_milliseconds() {
         let before = chrono::Utc::now();
@@ -207,7 +310,12 @@ mod tests {
             user_agent: "curl",
         };
         sink.write(&line("/a"));
-        sink.write(&line("/b\"quoted\""));
+        sink.write(&Line {
+            upstream_ms: Some(2.25),
+            waf_rule_ids: vec![942100, 941100],
+            user_agent: "ua with \\ and \u{1}",
+            ..line("/b\"quoted\"")
+        });
         let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
@@ -215,6 +323,29 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["path"], "/b\"quoted\"");
+        assert_eq!(lines[1]["user_agent"], "ua with \\ and \u{1}");
+        assert_eq!(lines[1]["upstream_ms"], 2.25);
+        assert_eq!(
+            lines[1]["waf_rule_ids"],
+            serde_json::json!([942100, 941100])
+        );
+        assert_eq!(lines[0]["upstream_ms"], serde_json::Value::Null);
         assert_eq!(lines[0]["client_ip"], "192.0.2.1");
+        assert_eq!(lines[0]["duration_ms"], 1.5);
+        // Every field of the contract, and nothing else.
+        let keys: Vec<&str> = text
+            .lines()
+            .next()
+            .and_then(|l| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(l).ok()
+            })
+            .map(|m| {
+                m.keys()
+                    .map(|k| FIELDS.iter().find(|f| *f == k).copied().unwrap_or("?"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(keys.len(), FIELDS.len());
+        assert!(!keys.contains(&"?"), "{keys:?}");
     }
 }

@@ -137,6 +137,9 @@ pub struct HealthCheck {
     /// Path of the `http` check.
     #[serde(default = "default_health_path")]
     pub path: String,
+    /// `Host` of the `http` check; absent: the first peer's host.
+    #[serde(default)]
+    pub host: Option<String>,
     /// Time between checks.
     #[serde(default = "default_health_interval")]
     pub interval_ms: u64,
@@ -234,6 +237,12 @@ pub struct JwtFilterConfig {
     /// `true`: a request without a token is refused. `false`: a token is checked when present.
     #[serde(default = "yes")]
     pub required: bool,
+    /// Whether the token's header goes on to the upstream. Off by default: the upstream learns
+    /// the caller from `forward_claims`, and a bearer credential travels no further than it
+    /// must. Turn it on for upstreams that check the token themselves. (A token in a cookie
+    /// always goes on with its `Cookie` header.)
+    #[serde(default)]
+    pub forward_token: bool,
     /// Claims a token must carry with one of the given values (`role = "admin"`,
     /// `role = ["admin", "ops"]`, `email_verified = true`); a valid token without them gets 403.
     #[serde(default)]
@@ -550,6 +559,7 @@ impl Default for HealthCheck {
         Self {
             kind: HealthCheckKind::Tcp,
             path: default_health_path(),
+            host: None,
             interval_ms: default_health_interval(),
             unhealthy_after: default_unhealthy_after(),
             healthy_after: default_healthy_after(),
@@ -746,6 +756,13 @@ impl Config {
             }
             if !u.health_check.path.starts_with('/') {
                 errors.push(key("health_check.path"), "must start with /");
+            }
+            if u.health_check
+                .host
+                .as_deref()
+                .is_some_and(|h| h.is_empty() || http::HeaderValue::from_str(h).is_err())
+            {
+                errors.push(key("health_check.host"), "is not a valid Host header value");
             }
         }
         for (name, f) in &self.filters {

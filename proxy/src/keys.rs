@@ -22,7 +22,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
@@ -35,8 +35,111 @@ pub struct VerifyKey {
     pub kid: Option<String>,
     /// The algorithms this key verifies: from the key's type, narrowed by its `alg`.
     pub algorithms: Vec<Algorithm>,
-    /// The key.
-    pub key: DecodingKey,
+    /// The key, ready for each of its algorithms: parsed once here, not on every token.
+    verifiers: Vec<(Algorithm, Verifier)>,
+}
+
+/// One algorithm's verifier of a key, from aws-lc-rs (the crypto jsonwebtoken's `aws_lc_rs`
+/// backend uses, without its per-call key parsing).
+enum Verifier {
+    Hmac(Box<aws_lc_rs::hmac::Key>),
+    Public(aws_lc_rs::signature::ParsedPublicKey),
+}
+
+impl VerifyKey {
+    /// A key for `algorithms` (each must fit the key's family). Fails when the key material
+    /// does not parse for one of them.
+    pub fn new(
+        kid: Option<String>,
+        algorithms: Vec<Algorithm>,
+        key: &DecodingKey,
+    ) -> Result<Self, String> {
+        use aws_lc_rs::{hmac, signature as sig};
+        let material = match key.kind() {
+            DecodingKeyKind::SecretOrDer(bytes) => bytes.clone(),
+            DecodingKeyKind::RsaModulusExponent { n, e } => rsa_public_key_der(n, e),
+        };
+        let mut verifiers = Vec::with_capacity(algorithms.len());
+        for &alg in &algorithms {
+            let public: &'static dyn sig::VerificationAlgorithm = match alg {
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                    let h = match alg {
+                        Algorithm::HS256 => hmac::HMAC_SHA256,
+                        Algorithm::HS384 => hmac::HMAC_SHA384,
+                        _ => hmac::HMAC_SHA512,
+                    };
+                    verifiers.push((alg, Verifier::Hmac(Box::new(hmac::Key::new(h, &material)))));
+                    continue;
+                }
+                Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
+                Algorithm::ES384 => &sig::ECDSA_P384_SHA384_FIXED,
+                Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+                Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+                Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+                Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+                Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+                Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+                Algorithm::EdDSA => &sig::ED25519,
+                _ => return Err(format!("{alg:?} is not supported")),
+            };
+            let parsed = sig::ParsedPublicKey::new(public, &material)
+                .map_err(|e| format!("not a usable {alg:?} key: {e}"))?;
+            verifiers.push((alg, Verifier::Public(parsed)));
+        }
+        Ok(Self {
+            kid,
+            algorithms,
+            verifiers,
+        })
+    }
+
+    /// Whether `signature` (raw bytes) is this key's signature of `message` under `alg`.
+    /// Constant-time for HMAC.
+    pub fn verify(&self, alg: Algorithm, message: &[u8], signature: &[u8]) -> bool {
+        self.verifiers
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .is_some_and(|(_, v)| match v {
+                Verifier::Hmac(key) => aws_lc_rs::hmac::verify(key, message, signature).is_ok(),
+                Verifier::Public(key) => key.verify_sig(message, signature).is_ok(),
+            })
+    }
+}
+
+/// An RSA public key's DER (RFC 8017 `RSAPublicKey`) from its big-endian modulus and exponent.
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    fn push_len(out: &mut Vec<u8>, len: usize) {
+        if len < 0x80 {
+            out.push(u8::try_from(len).unwrap_or(0));
+        } else {
+            let bytes = len.to_be_bytes();
+            let skip = bytes.iter().take_while(|b| **b == 0).count();
+            out.push(0x80 | u8::try_from(bytes.len() - skip).unwrap_or(0));
+            out.extend_from_slice(&bytes[skip..]);
+        }
+    }
+    fn integer(out: &mut Vec<u8>, v: &[u8]) {
+        let v = &v[v
+            .iter()
+            .take_while(|b| **b == 0)
+            .count()
+            .min(v.len().saturating_sub(1))..];
+        let pad = v.first().is_some_and(|b| b & 0x80 != 0);
+        out.push(0x02);
+        push_len(out, v.len() + usize::from(pad));
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(v);
+    }
+    let mut body = Vec::with_capacity(n.len() + e.len() + 16);
+    integer(&mut body, n);
+    integer(&mut body, e);
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.push(0x30);
+    push_len(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
 }
 
 impl std::fmt::Debug for VerifyKey {
@@ -171,11 +274,7 @@ pub fn from_jwk(value: &serde_json::Value) -> Result<VerifyKey, String> {
     if algorithms.is_empty() {
         return Err("it fits no supported signature algorithm".into());
     }
-    Ok(VerifyKey {
-        kid,
-        algorithms,
-        key,
-    })
+    VerifyKey::new(kid, algorithms, &key)
 }
 
 /// The keys of a JWK Set document. Keys that cannot verify signatures are skipped, each with
@@ -250,11 +349,9 @@ pub fn from_file(path: &Path, kid: Option<&str>) -> Result<Vec<VerifyKey>, Strin
             path.display()
         ));
     }
-    Ok(vec![VerifyKey {
-        kid: kid.map(str::to_owned),
-        algorithms,
-        key,
-    }])
+    VerifyKey::new(kid.map(str::to_owned), algorithms, &key)
+        .map(|k| vec![k])
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// An HMAC key from a secret (raw bytes, as read from a file or an environment variable).
@@ -266,11 +363,11 @@ pub fn from_secret(secret: &[u8], kid: Option<&str>) -> Result<VerifyKey, String
             secret.len()
         ));
     }
-    Ok(VerifyKey {
-        kid: kid.map(str::to_owned),
+    VerifyKey::new(
+        kid.map(str::to_owned),
         algorithms,
-        key: DecodingKey::from_secret(secret),
-    })
+        &DecodingKey::from_secret(secret),
+    )
 }
 
 /// Decodes base64url without padding, strictly (no padding, no stray bits).

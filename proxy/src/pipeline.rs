@@ -106,6 +106,8 @@ pub struct RequestCtx {
     /// Headers filters ask the upstream to receive (the caller's identity); set after the
     /// client's own `x-vigil-*` headers are removed.
     pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Request headers filters keep from the upstream (a bearer token the edge has consumed).
+    pub strip_headers: Vec<HeaderName>,
     /// What was decided.
     pub decision: Decision,
     /// The stage and reason of the rejection (enforced or shadowed) that decided.
@@ -123,6 +125,7 @@ impl RequestCtx {
             tls,
             subject: None,
             upstream_headers: Vec::new(),
+            strip_headers: Vec::new(),
             decision: Decision::Allow,
             stage: None,
             reason: None,

@@ -425,6 +425,9 @@ impl ProxyHttp for Edge {
         }
         up.remove_header("forwarded");
         up.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        for name in &ctx.req.strip_headers {
+            up.remove_header(name);
+        }
         for (name, value) in &ctx.req.upstream_headers {
             up.insert_header(name.clone(), value.clone())?;
         }

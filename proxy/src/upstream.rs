@@ -58,11 +58,12 @@ impl Pool {
                 lb.set_health_check(check);
             }
             HealthCheckKind::Http => {
-                let host = config
+                let first_peer = config
                     .addrs
                     .first()
                     .and_then(|a| a.rsplit_once(':'))
                     .map_or("localhost", |(h, _)| h);
+                let host = hc.host.as_deref().unwrap_or(first_peer);
                 let mut check = HttpHealthCheck::new(host, false);
                 check.consecutive_success = hc.healthy_after;
                 check.consecutive_failure = hc.unhealthy_after;

@@ -35,6 +35,15 @@ async fn upstream() -> SocketAddr {
         )
         .route("/health", get(|| async { "ok" }))
         .route(
+            "/health/host",
+            get(|headers: axum::http::HeaderMap| async move {
+                match headers.get("host").and_then(|h| h.to_str().ok()) {
+                    Some("health.internal") => axum::http::StatusCode::OK,
+                    _ => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                }
+            }),
+        )
+        .route(
             "/sick",
             get(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "sick") }),
         )
@@ -1260,6 +1269,7 @@ audiences = ["api"]
 algorithms = ["HS256"]
 hmac_secrets = [{ file = "{secret}", kid = "h1" }]
 required = false
+forward_token = true
 
 [filters.watch]
 kind = "jwt"
@@ -1312,10 +1322,9 @@ async fn the_jwt_filter_tells_the_upstream_who_the_caller_is() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["headers"]["x-vigil-subject"], "alice");
     assert_eq!(body["headers"]["x-vigil-role"], "user");
-    assert_eq!(
-        body["headers"]["authorization"],
-        format!("Bearer {token}"),
-        "the token itself still goes upstream"
+    assert!(
+        body["headers"].get("authorization").is_none(),
+        "the token stops at the edge: {body}"
     );
     let line = edge.log_line(|l| l["route"] == "api").await;
     assert_eq!(line["subject"], "alice");
@@ -1340,6 +1349,19 @@ async fn the_jwt_filter_tells_the_upstream_who_the_caller_is() {
     let (status, _, body) = json(r).await;
     assert_eq!(status, 200);
     assert!(body["headers"].get("x-vigil-subject").is_none(), "{body}");
+    let r = c
+        .get(format!("{}/maybe/x", edge.http))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json(r).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["headers"]["authorization"],
+        format!("Bearer {token}"),
+        "forward_token passes the token on"
+    );
     let forged = hs256(
         b"another secret of at least thirty-two bytes",
         "alice",
@@ -1414,4 +1436,64 @@ async fn the_jwt_filter_tells_the_upstream_who_the_caller_is() {
         "{err}"
     );
     assert_eq!(status(hs256(&rotated, "alice", "user")).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_checks_send_the_configured_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = r#"
+[upstreams.named]
+addrs = ["{upstream}"]
+health_check = { kind = "http", path = "/health/host", host = "health.internal", interval_ms = 100, unhealthy_after = 1 }
+[upstreams.unnamed]
+addrs = ["{upstream}"]
+health_check = { kind = "http", path = "/health/host", interval_ms = 100, unhealthy_after = 1 }
+[[routes]]
+name = "named"
+path_prefix = "/named/"
+upstream = "named"
+[[routes]]
+name = "unnamed"
+path_prefix = "/unnamed/"
+upstream = "unnamed"
+"#;
+    let edge = Edge::start(toml, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    // The upstream is healthy only for checks that say Host: health.internal.
+    let mut last = 0;
+    for _ in 0..100 {
+        last = c
+            .get(format!("{}/unnamed/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if last == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        last, 503,
+        "checked with the peer's own host, the pool is down"
+    );
+    let r = c
+        .get(format!("{}/named/x", edge.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "checked with the configured host, it is up"
+    );
+    let ready = reqwest::get(format!("{}/readyz", edge.admin))
+        .await
+        .unwrap();
+    let body = ready.json::<Value>().await.unwrap();
+    assert_eq!(
+        body["upstreams_without_healthy_peers"],
+        serde_json::json!(["unnamed"])
+    );
 }

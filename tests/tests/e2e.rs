@@ -544,6 +544,7 @@ async fn with_the_jwks_down_at_start_the_edge_answers_503_then_recovers() {
         audiences = ["vigil"]
         algorithms = ["EdDSA"]
         jwks_url = "http://127.0.0.1:{auth_port}/.well-known/jwks.json"
+        forward_token = true
         [[routes]]
         name = "auth"
         path_prefix = "/auth/"

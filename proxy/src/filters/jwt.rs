@@ -194,6 +194,9 @@ pub struct JwtFilter {
     from: TokenFrom,
     max_token_bytes: usize,
     required: bool,
+    /// The header that carried the token, removed before the request goes upstream; `None`
+    /// when the token is forwarded (`forward_token`, or a cookie).
+    strip: Option<HeaderName>,
     required_claims: Vec<(String, ClaimValue)>,
     forward: Vec<(String, HeaderName)>,
     static_keys: KeySet,
@@ -295,6 +298,11 @@ impl JwtFilter {
             from: c.token_from.clone(),
             max_token_bytes: c.max_token_bytes,
             required: c.required,
+            strip: match (&c.token_from, c.forward_token) {
+                (_, true) | (TokenFrom::Cookie(_), _) => None,
+                (TokenFrom::Authorization, false) => Some(header::AUTHORIZATION),
+                (TokenFrom::Header(name), false) => Some(name.clone()),
+            },
             required_claims: c
                 .required_claims
                 .iter()
@@ -399,19 +407,19 @@ impl JwtFilter {
         {
             return Err(Failure::Malformed);
         }
-        let sig = std::str::from_utf8(sig_b64).map_err(|_| Failure::Malformed)?;
-        if sig.is_empty() || keys::b64url(sig_b64).is_none() {
-            return Err(Failure::Malformed);
-        }
+        let sig = keys::b64url(sig_b64)
+            .filter(|s| !s.is_empty())
+            .ok_or(Failure::Malformed)?;
         // The signing input is the token's first two parts as sent: `header.payload`.
         let message = &token[..head_b64.len() + 1 + body_b64.len()];
         let kid = head.kid.as_deref();
-        let verify =
-            |key: &keys::VerifyKey| match jsonwebtoken::crypto::verify(sig, message, &key.key, alg)
-            {
-                Ok(true) => Ok(()),
-                _ => Err(Failure::BadSignature),
-            };
+        let verify = |key: &keys::VerifyKey| {
+            if key.verify(alg, message, &sig) {
+                Ok(())
+            } else {
+                Err(Failure::BadSignature)
+            }
+        };
         let generation = match self.static_keys.find(kid, alg) {
             Ok(key) => {
                 verify(key)?;
@@ -494,6 +502,13 @@ impl JwtFilter {
     }
 
     fn decide(&self, req: &Parts, ctx: &mut RequestCtx) -> Result<(), Failure> {
+        // The token's header never reaches the upstream unless asked for, whatever the
+        // verdict (in shadow mode, a refused token still goes upstream without it).
+        if let Some(name) = &self.strip
+            && req.headers.contains_key(name)
+        {
+            ctx.strip_headers.push(name.clone());
+        }
         let token = match self.token(req)? {
             Some(t) => t,
             None if self.required => return Err(Failure::Missing),
@@ -603,17 +618,16 @@ impl<'a> Claims<'a> {
         let Some(raw) = self.get("aud") else {
             return Ok(false);
         };
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Aud<'b> {
-            One(#[serde(borrow)] Cow<'b, str>),
-            Many(#[serde(borrow)] Vec<Cow<'b, str>>),
+        let named = |a: &str| audiences.iter().any(|x| x == a);
+        if raw.get().starts_with('[') {
+            let list: Vec<CowStr<'_>> =
+                serde_json::from_str(raw.get()).map_err(|_| Failure::Malformed)?;
+            Ok(list.iter().any(|a| named(&a.0)))
+        } else {
+            let one: CowStr<'_> =
+                serde_json::from_str(raw.get()).map_err(|_| Failure::Malformed)?;
+            Ok(named(&one.0))
         }
-        let aud: Aud<'_> = serde_json::from_str(raw.get()).map_err(|_| Failure::Malformed)?;
-        Ok(match aud {
-            Aud::One(a) => audiences.iter().any(|x| *x == a),
-            Aud::Many(list) => list.iter().any(|a| audiences.iter().any(|x| x == a)),
-        })
     }
 
     fn matches(&self, name: &str, want: &ClaimValue) -> bool {

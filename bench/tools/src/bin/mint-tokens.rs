@@ -1,8 +1,9 @@
 //! Makes a signing key and tokens for the load script's JWT scenarios.
 //!
-//! `mint-tokens ALG COUNT DIR` with ALG `ES256` or `HS256` writes `DIR/key` (a public JWK for
-//! ES256, the raw secret for HS256) and `DIR/tokens` (COUNT distinct tokens, one per line,
-//! valid for an hour, claims shaped like the auth service's).
+//! `mint-tokens ALG COUNT DIR [FILES]` with ALG `ES256` or `HS256` writes `DIR/key` (a public
+//! JWK for ES256, the raw secret for HS256) and FILES files `DIR/tokens-0`, `DIR/tokens-1`, …
+//! (default 1) of COUNT tokens each, one per line, every token distinct, valid for an hour,
+//! claims shaped like the auth service's. One file per load run keeps "fresh" fresh.
 
 use std::io::Write;
 
@@ -14,10 +15,13 @@ use jsonwebtoken::{Algorithm, EncodingKey};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [alg, count, dir] = args.as_slice() else {
-        return Err("usage: mint-tokens ES256|HS256 COUNT DIR".into());
+    let (alg, count, dir, files) = match args.as_slice() {
+        [alg, count, dir] => (alg, count, dir, "1"),
+        [alg, count, dir, files] => (alg, count, dir, files.as_str()),
+        _ => return Err("usage: mint-tokens ES256|HS256 COUNT DIR [FILES]".into()),
     };
     let count: usize = count.parse()?;
+    let files: usize = files.parse()?;
     let dir = std::path::Path::new(dir);
     std::fs::create_dir_all(dir)?;
     let (alg, key, kid) = match alg.as_str() {
@@ -56,16 +60,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("tokens"))?);
-    for i in 0..count {
-        let claims = serde_json::json!({"iss": "vigil-auth", "aud": "vigil",
-            "sub": format!("00000000-0000-7000-8000-{i:012}"), "role": "user",
-            "sid": format!("s{i}"), "iat": now, "nbf": now, "exp": now + 3600,
-            "jti": format!("bench-{i}")});
-        let message = format!("{header}.{}", B64.encode(claims.to_string()));
-        let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, alg)?;
-        writeln!(out, "{message}.{sig}")?;
+    for file in 0..files {
+        let path = dir.join(format!("tokens-{file}"));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for n in 0..count {
+            let i = file * count + n;
+            let claims = serde_json::json!({"iss": "vigil-auth", "aud": "vigil",
+                "sub": format!("00000000-0000-7000-8000-{i:012}"), "role": "user",
+                "sid": format!("s{i}"), "iat": now, "nbf": now, "exp": now + 3600,
+                "jti": format!("bench-{i}")});
+            let message = format!("{header}.{}", B64.encode(claims.to_string()));
+            let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, alg)?;
+            writeln!(out, "{message}.{sig}")?;
+        }
+        out.flush()?;
     }
-    out.flush()?;
     Ok(())
 }
