@@ -97,8 +97,8 @@ impl Sink {
 
 impl Line<'_> {
     /// The line as one JSON object, fields in contract order. Values the proxy made itself
-    /// (ids, addresses, names from the config, bounded labels) are written as they are; the ones
-    /// a client chose (host, path, subject, user agent) are escaped.
+    /// (the timestamp, the client address, bounded labels) are written as they are; everything
+    /// else is escaped.
     fn write_json(&self, out: &mut Vec<u8>) {
         let raw = |out: &mut Vec<u8>, key: &str, v: &str| {
             out.extend_from_slice(b",\"");
@@ -114,11 +114,17 @@ impl Line<'_> {
             // Writing a &str into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, v);
         };
-        let number = |out: &mut Vec<u8>, key: &str, v: &dyn std::fmt::Display| {
+        // Milliseconds with microsecond precision; `null` for a value that is not a number.
+        let millis = |out: &mut Vec<u8>, key: &str, v: Option<f64>| {
             out.extend_from_slice(b",\"");
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(b"\":");
-            let _ = write!(out, "{v}");
+            match v.filter(|v| v.is_finite()) {
+                Some(v) => {
+                    let _ = write!(out, "{v:.3}");
+                }
+                None => out.extend_from_slice(b"null"),
+            }
         };
         let mut ints = itoa::Buffer::new();
         out.extend_from_slice(b"{\"ts\":\"");
@@ -127,7 +133,7 @@ impl Line<'_> {
         raw(out, "level", self.level);
         raw(out, "service", self.service);
         escaped(out, "request_id", self.request_id);
-        raw(out, "trace_id", self.trace_id);
+        escaped(out, "trace_id", self.trace_id);
         raw(out, "client_ip", self.client_ip);
         escaped(out, "method", self.method);
         escaped(out, "host", self.host);
@@ -135,11 +141,8 @@ impl Line<'_> {
         escaped(out, "path", self.path);
         out.extend_from_slice(b",\"status\":");
         out.extend_from_slice(ints.format(self.status).as_bytes());
-        number(out, "duration_ms", &Millis(self.duration_ms));
-        match self.upstream_ms {
-            Some(ms) => number(out, "upstream_ms", &Millis(ms)),
-            None => out.extend_from_slice(b",\"upstream_ms\":null"),
-        }
+        millis(out, "duration_ms", Some(self.duration_ms));
+        millis(out, "upstream_ms", self.upstream_ms);
         out.extend_from_slice(b",\"bytes_in\":");
         out.extend_from_slice(ints.format(self.bytes_in).as_bytes());
         out.extend_from_slice(b",\"bytes_out\":");
@@ -160,19 +163,6 @@ impl Line<'_> {
         raw(out, "tls_version", self.tls_version);
         escaped(out, "user_agent", self.user_agent);
         out.push(b'}');
-    }
-}
-
-/// Milliseconds with microsecond precision (`0.325`), as a JSON number.
-struct Millis(f64);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_finite() {
-            write!(f, "{:.3}", self.0)
-        } else {
-            f.write_str("0")
-        }
     }
 }
 

@@ -218,6 +218,14 @@ pub struct JwtFilterConfig {
     /// Time allowed for one JWK Set fetch.
     #[serde(default = "default_jwks_timeout")]
     pub jwks_timeout_ms: u64,
+    /// While fetches fail, keys fetched once stay in use this long (a withdrawn key must not
+    /// verify forever); then the issuer's tokens get 503 until a fetch succeeds.
+    #[serde(default = "default_jwks_max_stale")]
+    pub jwks_max_stale_secs: u64,
+    /// Accept an `http://` `jwks_url` on a host other than loopback (keys in plain text can be
+    /// swapped on the way: only on a network you trust).
+    #[serde(default)]
+    pub jwks_allow_http: bool,
     /// Public keys from files: PEM (with an optional `kid`), a JWK or a JWK Set. Reloaded on
     /// SIGHUP.
     #[serde(default)]
@@ -301,7 +309,9 @@ pub enum TokenFrom {
 impl TryFrom<String> for TokenFrom {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let bad = || format!("{s:?}: expected authorization, header:NAME or cookie:NAME");
+        // Inside a tagged enum serde loses the key path: name the key in the message.
+        let bad =
+            || format!("token_from = {s:?}: expected authorization, header:NAME or cookie:NAME");
         match s.split_once(':') {
             None if s == "authorization" => Ok(TokenFrom::Authorization),
             Some(("header", name)) => http::HeaderName::try_from(name)
@@ -519,6 +529,9 @@ fn default_jwks_timeout() -> u64 {
 }
 fn default_leeway() -> u64 {
     30
+}
+fn default_jwks_max_stale() -> u64 {
+    86_400
 }
 fn default_max_token_bytes() -> usize {
     8 * 1024
@@ -890,16 +903,33 @@ impl JwtFilterConfig {
                 "public-key algorithms need jwks_url or key_files",
             );
         }
-        if let Some(url) = &self.jwks_url
-            && (!(url.starts_with("http://") || url.starts_with("https://"))
-                || url.parse::<http::Uri>().is_err())
-        {
-            errors.push(key("jwks_url"), format!("{url:?} is not an http(s) URL"));
+        if let Some(url) = &self.jwks_url {
+            match url.parse::<http::Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
+                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
+                    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+                    let loopback = host == "localhost"
+                        || host
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback());
+                    if !loopback && !self.jwks_allow_http {
+                        errors.push(
+                            key("jwks_url"),
+                            format!("{url:?}: keys over plain http only from loopback; use https, or set jwks_allow_http = true on a network you trust"),
+                        );
+                    }
+                }
+                _ => errors.push(key("jwks_url"), format!("{url:?} is not an http(s) URL")),
+            }
+        }
+        if self.leeway_secs > 300 {
+            errors.push(key("leeway_secs"), "must be at most 300");
         }
         for (f, v) in [
             ("jwks_refresh_secs", self.jwks_refresh_secs),
             ("jwks_min_refresh_secs", self.jwks_min_refresh_secs),
             ("jwks_timeout_ms", self.jwks_timeout_ms),
+            ("jwks_max_stale_secs", self.jwks_max_stale_secs),
         ] {
             if v == 0 {
                 errors.push(key(f), "must be at least 1");
@@ -1070,6 +1100,63 @@ mod tests {
             all.contains("routes[0].security_headers.referrer_policy: is not a valid header value"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn jwt_filters_are_checked_key_by_key() {
+        let text = r#"
+            [filters.a]
+            kind = "jwt"
+            issuer = ""
+            audiences = []
+            algorithms = ["none", "HS999", "HS256"]
+            jwks_url = "http://idp.example.com/jwks"
+            leeway_secs = 3600
+            token_from = "query:token"
+            hmac_secrets = [{ file = "s", env = "S" }]
+            forward_claims = { sub = "x-user" }
+            [filters.b]
+            kind = "jwt"
+            issuer = "i"
+            audiences = ["x"]
+            algorithms = ["ES256"]
+            [filters.c]
+            kind = "jwt"
+            issuer = "i"
+            audiences = ["x"]
+            algorithms = ["EdDSA"]
+            jwks_url = "http://10.1.2.3/jwks"
+            jwks_allow_http = true
+            [filters.d]
+            kind = "jwt"
+            issuer = "i"
+            audiences = ["x"]
+            algorithms = ["EdDSA"]
+            jwks_url = "http://127.0.0.1:3000/jwks"
+        "#;
+        let all = parse(text, "p.toml").unwrap_err().errors.join("\n");
+        let expected = "filters.a: token_from = \"query:token\": expected authorization, header:NAME or cookie:NAME";
+        assert!(all.contains(expected), "missing {expected:?} in\n{all}");
+        // token_from fails deserialisation, which hides the entry's other keys: fix it first.
+        let text = text.replace("token_from = \"query:token\"\n", "");
+        let errs = parse(&text, "p.toml").unwrap_err().errors;
+        let all = errs.join("\n");
+        for expected in [
+            "filters.a.issuer: must not be empty",
+            "filters.a.audiences: list at least one audience",
+            "filters.a.algorithms: \"none\" is never accepted",
+            "filters.a.algorithms: \"HS999\" is not one of",
+            "filters.a.jwks_url: \"http://idp.example.com/jwks\": keys over plain http only from loopback",
+            "filters.a.leeway_secs: must be at most 300",
+            "filters.a.hmac_secrets[0]: set exactly one of file and env",
+            "filters.a.forward_claims.sub: must start with x-vigil-",
+            "filters.b.jwks_url: public-key algorithms need jwks_url or key_files",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in\n{all}");
+        }
+        assert!(!all.contains("filters.c"), "http allowed on request: {all}");
+        assert!(!all.contains("filters.d"), "loopback http is fine: {all}");
+        assert_eq!(errs.len(), 9, "{all}");
     }
 
     #[test]

@@ -277,9 +277,20 @@ pub fn from_jwk(value: &serde_json::Value) -> Result<VerifyKey, String> {
     VerifyKey::new(kid, algorithms, &key)
 }
 
+/// The usable keys of a JWK Set document.
+pub struct Jwks {
+    /// The keys that can verify signatures.
+    pub keys: Vec<VerifyKey>,
+    /// Why each other key was left out (`keys[2] (kid x): …`).
+    pub skipped: Vec<String>,
+    /// A digest of the usable keys' JWKs: equal digests, the same key set.
+    pub fingerprint: [u8; 32],
+}
+
 /// The keys of a JWK Set document. Keys that cannot verify signatures are skipped, each with
-/// its reason; the document itself must be a JSON object with a `keys` array.
-pub fn from_jwks(body: &[u8]) -> Result<(Vec<VerifyKey>, Vec<String>), String> {
+/// its reason, and so are symmetric (`oct`) keys unless `symmetric`: a secret published at a
+/// URL is no secret. The document itself must be a JSON object with a `keys` array.
+pub fn from_jwks(body: &[u8], symmetric: bool) -> Result<Jwks, String> {
     #[derive(serde::Deserialize)]
     struct Document {
         keys: Vec<serde_json::Value>,
@@ -287,16 +298,33 @@ pub fn from_jwks(body: &[u8]) -> Result<(Vec<VerifyKey>, Vec<String>), String> {
     let doc: Document = serde_json::from_slice(body).map_err(|e| format!("not a JWK Set: {e}"))?;
     let mut keys = Vec::new();
     let mut skipped = Vec::new();
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for (i, value) in doc.keys.iter().enumerate() {
-        match from_jwk(value) {
-            Ok(k) => keys.push(k),
+        let key = if !symmetric && value.get("kty").and_then(|k| k.as_str()) == Some("oct") {
+            Err("a symmetric key is never taken from a JWK Set URL".to_owned())
+        } else {
+            from_jwk(value)
+        };
+        match key {
+            Ok(k) => {
+                // serde_json's maps are sorted: the text of a JWK is canonical.
+                digest.update(value.to_string().as_bytes());
+                digest.update(b"\n");
+                keys.push(k);
+            }
             Err(why) => {
                 let kid = value.get("kid").and_then(|k| k.as_str()).unwrap_or("-");
                 skipped.push(format!("keys[{i}] (kid {kid}): {why}"));
             }
         }
     }
-    Ok((keys, skipped))
+    let mut fingerprint = [0; 32];
+    fingerprint.copy_from_slice(digest.finish().as_ref());
+    Ok(Jwks {
+        keys,
+        skipped,
+        fingerprint,
+    })
 }
 
 /// The keys of one key file: a PEM public key (RSA, EC P-256/P-384 or Ed25519), a JWK, or a
@@ -308,11 +336,10 @@ pub fn from_file(path: &Path, kid: Option<&str>) -> Result<Vec<VerifyKey>, Strin
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
         return if value.get("keys").is_some() {
-            let (keys, skipped) =
-                from_jwks(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-            match skipped.first() {
+            let set = from_jwks(&bytes, true).map_err(|e| format!("{}: {e}", path.display()))?;
+            match set.skipped.first() {
                 Some(why) => Err(format!("{}: {why}", path.display())),
-                None => Ok(keys),
+                None => Ok(set.keys),
             }
         } else {
             from_jwk(&value)
@@ -388,6 +415,8 @@ pub struct JwksSettings {
     pub min_refresh: Duration,
     /// Timeout of one fetch.
     pub timeout: Duration,
+    /// How long keys fetched once stay usable while every later fetch fails.
+    pub max_stale: Duration,
 }
 
 /// The largest JWK Set document accepted.
@@ -401,7 +430,11 @@ pub struct RemoteKeys {
     /// Where and how often.
     pub settings: JwksSettings,
     keys: ArcSwapOption<KeySet>,
+    /// The fingerprint of `keys` (see [`Jwks::fingerprint`]).
+    fingerprint: Mutex<[u8; 32]>,
     generation: AtomicU64,
+    /// Unix seconds of the last successful fetch.
+    confirmed_at: AtomicU64,
     wanted: AtomicBool,
     state: Mutex<FetchState>,
 }
@@ -428,7 +461,9 @@ impl RemoteKeys {
         Self {
             settings,
             keys: ArcSwapOption::empty(),
+            fingerprint: Mutex::new([0; 32]),
             generation: AtomicU64::new(0),
+            confirmed_at: AtomicU64::new(0),
             wanted: AtomicBool::new(false),
             state: Mutex::new(FetchState {
                 next_due: Instant::now(),
@@ -439,9 +474,45 @@ impl RemoteKeys {
         }
     }
 
+    /// A source for `settings` that starts with what `previous` (the same URL under other
+    /// timings, before a reload) has: its keys stay in use, and it is due at once.
+    pub fn succeeding(settings: JwksSettings, previous: &RemoteKeys) -> Self {
+        let next = Self::new(settings);
+        next.keys.store(previous.keys.load_full());
+        *next.fingerprint.lock().unwrap_or_else(|p| p.into_inner()) = *previous
+            .fingerprint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        next.generation
+            .store(previous.generation(), Ordering::Release);
+        next.confirmed_at.store(
+            previous.confirmed_at.load(Ordering::Acquire),
+            Ordering::Release,
+        );
+        let loaded_at = previous
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .loaded_at;
+        next.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .loaded_at = loaded_at;
+        next
+    }
+
     /// The keys last fetched; `None` until a fetch has succeeded.
     pub fn keys(&self) -> Option<Arc<KeySet>> {
         self.keys.load_full()
+    }
+
+    /// The keys usable at `now` (unix seconds): `None` until a fetch has succeeded, and again
+    /// once no fetch has succeeded for `max_stale`.
+    pub fn keys_at(&self, now: u64) -> Option<Arc<KeySet>> {
+        let confirmed = self.confirmed_at.load(Ordering::Acquire);
+        (now.saturating_sub(confirmed) <= self.settings.max_stale.as_secs())
+            .then(|| self.keys())
+            .flatten()
     }
 
     /// Counts the key sets swapped in: a cached verification made with an older one is stale.
@@ -454,10 +525,22 @@ impl RemoteKeys {
         self.wanted.store(true, Ordering::Relaxed);
     }
 
-    /// Swaps in a new key set.
-    pub fn install(&self, keys: KeySet) {
-        self.keys.store(Some(Arc::new(keys)));
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// Takes a fetched key set: swapped in when it differs from the one in use (which makes
+    /// cached verifications stale), and in any case confirmed as current. Returns whether it
+    /// changed.
+    pub fn install(&self, jwks: Jwks) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut fingerprint = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = self.keys.load().is_none() || *fingerprint != jwks.fingerprint;
+        if changed {
+            *fingerprint = jwks.fingerprint;
+            self.keys.store(Some(Arc::new(KeySet::new(jwks.keys))));
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        self.confirmed_at.store(now, Ordering::Release);
+        changed
     }
 
     /// Whether a fetch is due at `now`.
@@ -481,12 +564,14 @@ impl RemoteKeys {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.last_attempt = Some(started);
         match result {
-            Ok((keys, skipped)) => {
-                for why in &skipped {
+            Ok(jwks) => {
+                for why in &jwks.skipped {
                     tracing::warn!(issuer, url = %self.settings.url, "JWKS key skipped: {why}");
                 }
-                let count = keys.len();
-                self.install(KeySet::new(keys));
+                let count = jwks.keys.len();
+                if self.install(jwks) {
+                    tracing::info!(issuer, keys = count, "JWKS loaded a new key set");
+                }
                 state.loaded_at = Some(Instant::now());
                 state.failures = 0;
                 state.next_due = started + self.settings.refresh;
@@ -494,7 +579,6 @@ impl RemoteKeys {
                     .jwks_refreshes
                     .with_label_values(&[issuer, "success"])
                     .inc();
-                tracing::debug!(issuer, keys = count, "JWKS refreshed");
             }
             Err(why) => {
                 state.failures = state.failures.saturating_add(1);
@@ -519,10 +603,7 @@ impl RemoteKeys {
         }
     }
 
-    async fn fetch(
-        &self,
-        client: &reqwest::Client,
-    ) -> Result<(Vec<VerifyKey>, Vec<String>), String> {
+    async fn fetch(&self, client: &reqwest::Client) -> Result<Jwks, String> {
         let mut resp = client
             .get(&self.settings.url)
             .timeout(self.settings.timeout)
@@ -546,7 +627,7 @@ impl RemoteKeys {
             }
             body.extend_from_slice(&chunk);
         }
-        from_jwks(&body)
+        from_jwks(&body, false)
     }
 
     /// Seconds since the keys were last fetched, if they ever were.
@@ -658,11 +739,64 @@ mod tests {
     fn a_jwks_keeps_the_usable_keys_and_says_why_it_skipped_the_others() {
         let mut enc = ed_jwk("enc");
         enc["use"] = json!("enc");
-        let doc = json!({"keys": [ed_jwk("a"), enc, {"kty": "XYZ", "kid": "weird"}]});
-        let (keys, skipped) = from_jwks(doc.to_string().as_bytes()).unwrap();
-        assert_eq!(keys.len(), 1);
-        assert_eq!(skipped.len(), 2, "{skipped:?}");
-        assert!(from_jwks(b"[1,2]").is_err());
+        let secret = json!({"kty": "oct", "k": URL_SAFE_NO_PAD.encode([7u8; 32]), "kid": "s"});
+        let doc = json!({"keys": [ed_jwk("a"), enc, {"kty": "XYZ", "kid": "weird"}, secret]});
+        let set = from_jwks(doc.to_string().as_bytes(), false).unwrap();
+        assert_eq!(set.keys.len(), 1);
+        assert_eq!(set.skipped.len(), 3, "{:?}", set.skipped);
+        assert!(set.skipped[2].contains("symmetric"), "{:?}", set.skipped);
+        assert_eq!(
+            from_jwks(doc.to_string().as_bytes(), true)
+                .unwrap()
+                .keys
+                .len(),
+            2,
+            "a key file may hold an HMAC secret"
+        );
+        assert!(from_jwks(b"[1,2]", false).is_err());
+    }
+
+    fn settings() -> JwksSettings {
+        JwksSettings {
+            issuer: "i".into(),
+            url: "http://127.0.0.1:1/".into(),
+            refresh: Duration::from_secs(300),
+            min_refresh: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            max_stale: Duration::from_secs(3600),
+        }
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn the_same_key_set_fetched_again_keeps_its_generation() {
+        let remote = RemoteKeys::new(settings());
+        let doc = |kids: &[&str]| {
+            let keys: Vec<_> = kids.iter().map(|k| ed_jwk(k)).collect();
+            from_jwks(json!({ "keys": keys }).to_string().as_bytes(), false).unwrap()
+        };
+        assert!(remote.keys_at(now()).is_none(), "nothing fetched yet");
+        assert!(remote.install(doc(&["a"])));
+        let first = remote.generation();
+        assert!(!remote.install(doc(&["a"])), "unchanged");
+        assert_eq!(remote.generation(), first, "cached verifications stay good");
+        assert!(remote.install(doc(&["a", "b"])));
+        assert_ne!(remote.generation(), first);
+        // Keys confirmed an hour ago are still in use; older than max_stale, they are not.
+        assert!(remote.keys_at(now() + 3600).is_some());
+        assert!(remote.keys_at(now() + 3602).is_none());
+        // A reload that changes only the timings keeps the keys.
+        let mut faster = settings();
+        faster.refresh = Duration::from_secs(60);
+        let next = RemoteKeys::succeeding(faster, &remote);
+        assert_eq!(next.keys().map(|k| k.len()), Some(2));
+        assert_eq!(next.generation(), remote.generation());
     }
 
     #[test]

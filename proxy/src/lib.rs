@@ -98,13 +98,10 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
                     refresh: Duration::from_secs(j.jwks_refresh_secs),
                     min_refresh: Duration::from_secs(j.jwks_min_refresh_secs),
                     timeout: Duration::from_millis(j.jwks_timeout_ms),
+                    max_stale: Duration::from_secs(j.jwks_max_stale_secs),
                 };
                 jwks.entry(settings.clone())
-                    .or_insert_with(|| {
-                        previous
-                            .and_then(|p| p.jwks.get(&settings).cloned())
-                            .unwrap_or_else(|| Arc::new(keys::RemoteKeys::new(settings)))
-                    })
+                    .or_insert_with(|| remote_keys(settings, previous))
                     .clone()
             }),
             config::FilterConfig::Ip(_) => None,
@@ -162,6 +159,25 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
         jwks,
         metrics,
     })
+}
+
+/// The key source for `settings`: the previous build's when nothing changed; when only the
+/// timings of the same issuer and URL changed, a new one that starts with its keys; else new.
+fn remote_keys(settings: keys::JwksSettings, previous: Option<&Built>) -> Arc<keys::RemoteKeys> {
+    let Some(previous) = previous else {
+        return Arc::new(keys::RemoteKeys::new(settings));
+    };
+    if let Some(same) = previous.jwks.get(&settings) {
+        return same.clone();
+    }
+    match previous
+        .jwks
+        .values()
+        .find(|k| k.settings.issuer == settings.issuer && k.settings.url == settings.url)
+    {
+        Some(earlier) => Arc::new(keys::RemoteKeys::succeeding(settings, earlier)),
+        None => Arc::new(keys::RemoteKeys::new(settings)),
+    }
 }
 
 /// A failure to assemble the server.

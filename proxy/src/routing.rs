@@ -63,14 +63,10 @@ impl RouteTable {
         }
     }
 
-    /// The route for a request to `host` (any case, with or without port) and `path`.
+    /// The route for a request to `host` (as [`normalize_host`] gives it) and `path`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<RouteEntry>> {
-        let host = host.map(normalize_host);
         self.routes.iter().find(|r| {
-            r.host
-                .as_deref()
-                .is_none_or(|want| host.as_deref() == Some(want))
-                && r.matches_path(path)
+            r.host.as_deref().is_none_or(|want| host == Some(want)) && r.matches_path(path)
         })
     }
 
@@ -179,7 +175,8 @@ mod tests {
     }
 
     fn find(host: Option<&str>, path: &str) -> Option<String> {
-        table().find(host, path).map(|r| r.name.clone())
+        let host = host.map(normalize_host);
+        table().find(host.as_deref(), path).map(|r| r.name.clone())
     }
 
     #[test]

@@ -9,9 +9,13 @@
 //! (`malformed`: the proxy never fetches a URL a token names); a key with that `kid`
 //! (`unknown_kid`, which also asks for a JWKS refresh; `jwks_unavailable` with 503 while no
 //! remote key has ever loaded) that verifies that `alg` (`alg_not_allowed`); the signature
-//! (`bad_signature`); then the claims, only once the signature holds: `exp` required
-//! (`expired`), `nbf` and `iat` (`not_yet_valid`), `iss` (`wrong_issuer`), `aud`
-//! (`wrong_audience`), and the required claims (403 `claim_mismatch`).
+//! (`bad_signature`); then the claims, only once the signature holds: `exp` (required: a token
+//! without one is `malformed`; past it, `expired`), `nbf` and `iat` (`not_yet_valid`), `iss`
+//! (`wrong_issuer`), `aud` (`wrong_audience`), and the required claims (403 `claim_mismatch`).
+//!
+//! Enforced, the filter takes the token's header out of the upstream request (unless
+//! `forward_token`) and adds the `forward_claims` headers; in shadow mode it judges and counts
+//! but changes nothing the upstream receives.
 //!
 //! A verified token is remembered under its SHA-256 until it expires (never longer), so a
 //! client reusing its token pays one signature check, not one per request.
@@ -35,6 +39,7 @@ use crate::pipeline::{Filter, Rejection, RequestCtx, Verdict};
 
 /// Why a token was refused: the bounded `reason` set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub enum Failure {
     /// No token where the filter looks for one.
     Missing,
@@ -180,8 +185,8 @@ impl Counters {
     }
 
     fn failure(&self, f: Failure) -> &IntCounter {
-        let i = Failure::ALL.iter().position(|x| *x == f).unwrap_or(0);
-        &self.failures[i]
+        // `ALL` lists the variants in declaration order: the discriminant is the index.
+        &self.failures[f as usize]
     }
 }
 
@@ -197,6 +202,8 @@ pub struct JwtFilter {
     /// The header that carried the token, removed before the request goes upstream; `None`
     /// when the token is forwarded (`forward_token`, or a cookie).
     strip: Option<HeaderName>,
+    /// Shadow mode: judge and count, but change nothing the upstream receives.
+    shadow: bool,
     required_claims: Vec<(String, ClaimValue)>,
     forward: Vec<(String, HeaderName)>,
     static_keys: KeySet,
@@ -298,6 +305,7 @@ impl JwtFilter {
             from: c.token_from.clone(),
             max_token_bytes: c.max_token_bytes,
             required: c.required,
+            shadow: c.mode == crate::config::Mode::Shadow,
             strip: match (&c.token_from, c.forward_token) {
                 (_, true) | (TokenFrom::Cookie(_), _) => None,
                 (TokenFrom::Authorization, false) => Some(header::AUTHORIZATION),
@@ -317,55 +325,53 @@ impl JwtFilter {
         }
     }
 
-    /// The token of a request: `Ok(None)` when there is none.
+    /// The token of a request: `Ok(None)` when there is none. A token sent twice (two
+    /// `Authorization` headers, two values of the named header, a cookie named twice) is
+    /// malformed: the upstream must never see a copy the edge did not check.
     fn token<'r>(&self, req: &'r Parts) -> Result<Option<&'r [u8]>, Failure> {
-        let bearer = |v: &'r [u8]| -> Result<&'r [u8], Failure> {
+        /// The credentials of a `Bearer` value; `None` for another scheme.
+        fn bearer(v: &[u8]) -> Option<&[u8]> {
             let (scheme, rest) = v.split_at(v.len().min(7));
-            if scheme.eq_ignore_ascii_case(b"bearer ") {
-                Ok(rest.trim_ascii())
-            } else {
-                Err(Failure::Missing)
+            scheme
+                .eq_ignore_ascii_case(b"bearer ")
+                .then(|| rest.trim_ascii())
+        }
+        /// The only value of `name`, if any.
+        fn single<'h>(req: &'h Parts, name: &HeaderName) -> Result<Option<&'h [u8]>, Failure> {
+            let mut values = req.headers.get_all(name).iter();
+            match (values.next(), values.next()) {
+                (None, _) => Ok(None),
+                (Some(v), None) => Ok(Some(v.as_bytes())),
+                (Some(_), Some(_)) => Err(Failure::Malformed),
             }
-        };
+        }
         let token = match &self.from {
             TokenFrom::Authorization => {
-                let mut values = req.headers.get_all(header::AUTHORIZATION).iter();
-                match (values.next(), values.next()) {
-                    (None, _) => return Ok(None),
-                    (Some(_), Some(_)) => return Err(Failure::Malformed),
-                    (Some(v), None) if v.len() > self.max_token_bytes + 7 => {
-                        return Err(Failure::TooLarge);
-                    }
-                    // Another scheme (Basic, …) is no bearer token.
-                    (Some(v), None) => match bearer(v.as_bytes()) {
-                        Ok(t) => t,
-                        Err(_) => return Ok(None),
-                    },
+                // Another scheme (Basic, …) is no bearer token.
+                match single(req, &header::AUTHORIZATION)?.and_then(bearer) {
+                    None => return Ok(None),
+                    Some(t) => t,
                 }
             }
-            TokenFrom::Header(name) => {
-                let Some(v) = req.headers.get(name) else {
-                    return Ok(None);
-                };
-                if v.len() > self.max_token_bytes + 7 {
-                    return Err(Failure::TooLarge);
-                }
-                bearer(v.as_bytes()).unwrap_or(v.as_bytes().trim_ascii())
-            }
+            TokenFrom::Header(name) => match single(req, name)? {
+                None => return Ok(None),
+                Some(v) => bearer(v).unwrap_or(v.trim_ascii()),
+            },
             TokenFrom::Cookie(name) => {
-                let found = req
+                let mut found = req
                     .headers
                     .get_all(header::COOKIE)
                     .iter()
                     .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-                    .find_map(|pair| {
+                    .filter_map(|pair| {
                         let pair = pair.trim_ascii();
                         let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
                         (k == name.as_bytes()).then(|| &v[1..])
                     });
-                match found {
-                    None => return Ok(None),
-                    Some(t) => t,
+                match (found.next(), found.next()) {
+                    (None, _) => return Ok(None),
+                    (Some(t), None) => t,
+                    (Some(_), Some(_)) => return Err(Failure::Malformed),
                 }
             }
         };
@@ -380,13 +386,13 @@ impl JwtFilter {
 
     /// Checks `token` at `now` (unix seconds), by the rules of the module docs.
     fn verify(&self, token: &[u8], now: u64) -> Result<Verified, Failure> {
-        let (payload, generation) = self.open(token)?;
+        let (payload, generation) = self.open(token, now)?;
         self.check_claims(&payload, now, generation)
     }
 
-    /// The JWS layer: the header, the key, the signature, and the payload (base64url, strict).
-    /// Returns the payload and the remote key-set generation its key came from.
-    fn open(&self, token: &[u8]) -> Result<(Vec<u8>, Option<u64>), Failure> {
+    /// The JWS layer at `now`: the header, the key, the signature, and the payload (base64url,
+    /// strict). Returns the payload and the remote key-set generation its key came from.
+    fn open(&self, token: &[u8], now: u64) -> Result<(Vec<u8>, Option<u64>), Failure> {
         let mut parts = token.splitn(4, |b| *b == b'.');
         let (Some(head_b64), Some(body_b64), Some(sig_b64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -431,7 +437,7 @@ impl JwtFilter {
                     return Err(Failure::UnknownKid);
                 };
                 let generation = remote.generation();
-                let Some(set) = remote.keys() else {
+                let Some(set) = remote.keys_at(now) else {
                     remote.request_refresh();
                     return Err(Failure::JwksUnavailable);
                 };
@@ -501,19 +507,18 @@ impl JwtFilter {
         fresh.then_some(v)
     }
 
-    fn decide(&self, req: &Parts, ctx: &mut RequestCtx) -> Result<(), Failure> {
-        // The token's header never reaches the upstream unless asked for, whatever the
-        // verdict (in shadow mode, a refused token still goes upstream without it).
-        if let Some(name) = &self.strip
-            && req.headers.contains_key(name)
-        {
-            ctx.strip_headers.push(name.clone());
-        }
+    /// The token's verdict: `Ok(false)` for a request without one on an optional route.
+    fn decide(&self, req: &Parts, ctx: &mut RequestCtx) -> Result<bool, Failure> {
         let token = match self.token(req)? {
             Some(t) => t,
             None if self.required => return Err(Failure::Missing),
-            None => return Ok(()),
+            None => return Ok(false),
         };
+        // Enforced, the token's header stops here unless `forward_token` says otherwise. A
+        // shadowed filter changes nothing the upstream receives.
+        if let (Some(name), false) = (&self.strip, self.shadow) {
+            ctx.strip_headers.push(name.clone());
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -525,18 +530,24 @@ impl JwtFilter {
                 v
             }
             None => {
-                let v = Arc::new(self.verify(token, now)?);
-                if let (Some(cache), Some(d)) = (&self.cache, digest) {
+                if self.cache.is_some() {
                     self.counters.cache_miss.inc();
+                }
+                let v = Arc::new(self.verify(token, now)?);
+                if let (Some(cache), Some(d)) = (&self.cache, digest)
+                    && now < v.exp
+                {
                     cache.insert(d, v.clone());
                 }
                 v
             }
         };
         ctx.subject.clone_from(&verified.subject);
-        ctx.upstream_headers
-            .extend(verified.headers.iter().cloned());
-        Ok(())
+        if !self.shadow {
+            ctx.upstream_headers
+                .extend(verified.headers.iter().cloned());
+        }
+        Ok(true)
     }
 }
 
@@ -554,8 +565,10 @@ impl Filter for JwtFilter {
 
     fn on_request(&self, req: &Parts, ctx: &mut RequestCtx) -> Verdict {
         match self.decide(req, ctx) {
-            Ok(()) => {
-                self.counters.ok.inc();
+            Ok(checked) => {
+                if checked {
+                    self.counters.ok.inc();
+                }
                 Verdict::Continue
             }
             Err(f) => {
@@ -602,9 +615,10 @@ impl<'a> Claims<'a> {
         Ok(Some(n as u64))
     }
 
-    /// A string claim; another type is malformed.
+    /// A string claim (`null` counts as absent); another type is malformed.
     fn string(&self, name: &str) -> Result<Option<Cow<'a, str>>, Failure> {
         self.get(name)
+            .filter(|raw| raw.get() != "null")
             .map(|raw| {
                 serde_json::from_str::<CowStr<'a>>(raw.get())
                     .map(|s| s.0)
@@ -615,7 +629,7 @@ impl<'a> Claims<'a> {
 
     /// Whether `aud` (a string or an array of strings) names one of `audiences`.
     fn audience_in(&self, audiences: &[String]) -> Result<bool, Failure> {
-        let Some(raw) = self.get("aud") else {
+        let Some(raw) = self.get("aud").filter(|raw| raw.get() != "null") else {
             return Ok(false);
         };
         let named = |a: &str| audiences.iter().any(|x| x == a);
@@ -656,15 +670,17 @@ impl<'a> Claims<'a> {
         let Some(raw) = self.get(name) else {
             return Ok(None);
         };
-        let text = match serde_json::from_str::<CowStr<'_>>(raw.get()) {
-            Ok(s) => s.0.into_owned(),
-            Err(_) => serde_json::from_str::<serde_json::Value>(raw.get())
-                .map_err(|_| Failure::Malformed)?
-                .to_string(),
+        let value = if raw.get().starts_with('"') {
+            let text: CowStr<'_> =
+                serde_json::from_str(raw.get()).map_err(|_| Failure::Malformed)?;
+            // Non-ASCII text goes as its UTF-8 bytes (obs-text); control characters cannot.
+            HeaderValue::from_bytes(text.0.as_bytes())
+        } else {
+            let value: serde_json::Value =
+                serde_json::from_str(raw.get()).map_err(|_| Failure::Malformed)?;
+            HeaderValue::from_bytes(value.to_string().as_bytes())
         };
-        HeaderValue::from_str(&text)
-            .map(Some)
-            .map_err(|_| Failure::Malformed)
+        value.map(Some).map_err(|_| Failure::Malformed)
     }
 }
 
@@ -1087,7 +1103,12 @@ mod tests {
             refresh: std::time::Duration::from_secs(300),
             min_refresh: std::time::Duration::from_secs(5),
             timeout: std::time::Duration::from_secs(1),
+            max_stale: std::time::Duration::from_secs(86_400),
         }));
+        let jwks = |signers: &[&Signer]| {
+            let keys: Vec<_> = signers.iter().map(|s| s.jwk.clone()).collect();
+            keys::from_jwks(json!({ "keys": keys }).to_string().as_bytes(), false).unwrap()
+        };
         let metrics = Metrics::new();
         let f = JwtFilter::with_keys(
             &config(&["EdDSA"]),
@@ -1101,7 +1122,7 @@ mod tests {
             Some("jwks_unavailable"),
             "no key set yet"
         );
-        remote.install(KeySet::new(vec![ed.key()]));
+        remote.install(jwks(&[&ed]));
         assert_eq!(reason(&f, &token), None);
         let (v, ctx) = verdict(&f, &bearer(&token));
         assert_eq!(
@@ -1115,7 +1136,8 @@ mod tests {
                 .with_label_values(&["vigil-auth", r])
                 .get()
         };
-        assert_eq!((lookups("miss"), lookups("hit")), (1, 1));
+        // Misses count at lookup: the first try (no keys yet) missed too.
+        assert_eq!((lookups("miss"), lookups("hit")), (2, 1));
         let digest = sha256(token.as_bytes());
         let exp = claims()["exp"].as_u64().unwrap();
         assert!(f.cached(&digest, exp - 1).is_some());
@@ -1124,7 +1146,12 @@ mod tests {
             "never past the token's exp"
         );
         // A new key set without the key: the cached verification no longer counts.
-        remote.install(KeySet::new(vec![Signer::ed25519("k2").key()]));
+        assert!(
+            !remote.install(jwks(&[&ed])),
+            "the same keys fetched again change nothing"
+        );
+        assert!(f.cached(&digest, exp - 1).is_some());
+        remote.install(jwks(&[&Signer::ed25519("k2")]));
         assert!(f.cached(&digest, exp - 1).is_none());
         assert_eq!(reason(&f, &token), Some("unknown_kid"));
     }
@@ -1214,6 +1241,75 @@ mod tests {
         c.token_from = TokenFrom::Header(HeaderName::from_static("x-token"));
         let (f, _) = filter(&c, vec![ed.key()]);
         assert_eq!(verdict(&f, &request(&[("x-token", &token)])).0, None);
+    }
+
+    #[test]
+    fn a_token_sent_twice_is_malformed() {
+        let ed = Signer::ed25519("k1");
+        let token = ed.token(&claims());
+        let mut c = config(&["EdDSA"]);
+        c.token_from = TokenFrom::Cookie("session".into());
+        let (f, _) = filter(&c, vec![ed.key()]);
+        let twice = format!("session={token}; session={token}");
+        assert_eq!(
+            verdict(&f, &request(&[("cookie", &twice)])).0,
+            Some("malformed")
+        );
+        let split = [
+            ("cookie", format!("session={token}")),
+            ("cookie", "session=x".into()),
+        ];
+        let split: Vec<(&str, &str)> = split.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(verdict(&f, &request(&split)).0, Some("malformed"));
+        c.token_from = TokenFrom::Header(HeaderName::from_static("x-token"));
+        let (f, _) = filter(&c, vec![ed.key()]);
+        assert_eq!(
+            verdict(&f, &request(&[("x-token", &token), ("x-token", &token)])).0,
+            Some("malformed")
+        );
+    }
+
+    #[test]
+    fn enforced_the_token_stops_here_shadowed_nothing_changes() {
+        let ed = Signer::ed25519("k1");
+        let token = ed.token(&claims());
+        let (f, _) = filter(&config(&["EdDSA"]), vec![ed.key()]);
+        let (v, ctx) = verdict(&f, &bearer(&token));
+        assert_eq!(v, None);
+        assert_eq!(ctx.strip_headers, [header::AUTHORIZATION]);
+        assert_eq!(ctx.upstream_headers.len(), 2);
+        let (_, ctx) = verdict(&f, &request(&[("authorization", "Basic YTpi")]));
+        assert!(
+            ctx.strip_headers.is_empty(),
+            "not a bearer token: not ours to take"
+        );
+        let mut c = config(&["EdDSA"]);
+        c.mode = Mode::Shadow;
+        let (f, _) = filter(&c, vec![ed.key()]);
+        let (v, ctx) = verdict(&f, &bearer(&token));
+        assert_eq!(v, None);
+        assert!(ctx.strip_headers.is_empty() && ctx.upstream_headers.is_empty());
+        assert_eq!(ctx.subject.as_deref(), Some("user-1"), "known, for the log");
+        c.mode = Mode::Enforce;
+        c.forward_token = true;
+        let (f, _) = filter(&c, vec![ed.key()]);
+        assert!(verdict(&f, &bearer(&token)).1.strip_headers.is_empty());
+    }
+
+    #[test]
+    fn non_ascii_claims_go_upstream_as_utf8() {
+        let ed = Signer::ed25519("k1");
+        let (f, _) = filter(&config(&["EdDSA"]), vec![ed.key()]);
+        let mut c = claims();
+        c["sub"] = json!("José");
+        let (v, ctx) = verdict(&f, &bearer(&ed.token(&c)));
+        assert_eq!(v, None);
+        let sent = ctx
+            .upstream_headers
+            .iter()
+            .find(|(k, _)| k == "x-vigil-subject")
+            .map(|(_, v)| v.as_bytes().to_vec());
+        assert_eq!(sent.as_deref(), Some("José".as_bytes()));
     }
 
     #[test]
@@ -1373,7 +1469,7 @@ mod tests {
                     filter(&config(&algs), Vec::new())
                 }
             };
-            let opened = f.open(jws.as_bytes());
+            let opened = f.open(jws.as_bytes(), now());
             if expected == "invalid" && opened.is_ok() && valid_tokens.contains(jws) {
                 // This copy of the corpus lost the padding characters of two vectors: they are
                 // byte for byte the valid vector 357, so no verifier can refuse them.
