@@ -8,12 +8,16 @@
 #   nginx  nginx as a reverse proxy, 1 worker, upstream keep-alive
 #   S1     vigil over plain HTTP, one route, no filters
 #   S2     vigil over HTTPS (TLS 1.3), keep-alive
+#   S1t    S1 with the S3w load: the same Lua-driven wrk and Authorization headers, no filter
+#          (tells the jwt filter's own cost apart from the bigger requests and the load script)
 #   S3w    S1 + jwt (ES256), 1,000 distinct tokens: the verified-token cache at work
 #   S3c    S1 + jwt (ES256), a fresh token per request: a signature check on every request
 #   S3h    S1 + jwt (HS256), a fresh token per request
 #
 # Method: the proxy under test pinned to CPU 0, the load generator and the upstream to CPU 1;
-# one worker thread each; RUNS runs of DURATION seconds flat out (wrk) per target, medians.
+# one worker thread each; RUNS rounds in which every target gets DURATION seconds flat out
+# (wrk), medians per target (rounds rather than a target's runs back to back, so a drift of the
+# machine hits every target alike).
 # The primary figure is the proxy's CPU microseconds per request (utime+stime from /proc over
 # the requests wrk completed), then req/s; p50/p99 come from oha at a fixed RATE with
 # --latency-correction when oha is installed (cargo install oha). Ratios against nginx and the
@@ -24,15 +28,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 CONNECTIONS=${CONNECTIONS:-32}
 RATE=${RATE:-5000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
 FRESH_ES=${FRESH_ES:-150000}    # distinct ES256 tokens per load run (> S3c req/s x DURATION)
-FRESH_HS=${FRESH_HS:-350000}    # distinct HS256 tokens per load run (> S3h req/s x DURATION)
-read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S3w S3c S3h}"
+FRESH_HS=${FRESH_HS:-300000}    # distinct HS256 tokens per load run (> S3h req/s x DURATION)
+read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S1t S3w S3c S3h}"
 
 for tool in nginx wrk taskset python3; do
   command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y nginx-light wrk util-linux)" >&2; exit 1; }
@@ -153,12 +157,12 @@ end
 EOF
 worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
 declare -A PID=([S0]=$(worker_of upstream) [floor]=$floor_pid [floorm]=$floorm_pid [nginx]=$(worker_of proxy)
-  [S1]=$vigil_pid [S2]=$vigil_pid [S3w]=$vigil_pid [S3c]=$vigil_pid [S3h]=$vigil_pid)
+  [S1]=$vigil_pid [S2]=$vigil_pid [S1t]=$vigil_pid [S3w]=$vigil_pid [S3c]=$vigil_pid [S3h]=$vigil_pid)
 declare -A URL=([S0]="http://127.0.0.1:$up/" [floor]="http://127.0.0.1:$flo/" [floorm]="http://127.0.0.1:$flm/"
   [nginx]="http://127.0.0.1:$ngx/" [S1]="http://127.0.0.1:$s1/" [S2]="https://127.0.0.1:$s2/"
-  [S3w]="http://127.0.0.1:$s1/es-warm/" [S3c]="http://127.0.0.1:$s1/es-fresh/" [S3h]="http://127.0.0.1:$s1/hs-fresh/")
-declare -A TOKENS=([S3w]="$work/es-warm" [S3c]="$work/es-fresh" [S3h]="$work/hs-fresh")
-declare -A ROUTE=([S3w]=es_warm [S3c]=es_fresh [S3h]=hs_fresh)
+  [S1t]="http://127.0.0.1:$s1/" [S3w]="http://127.0.0.1:$s1/es-warm/" [S3c]="http://127.0.0.1:$s1/es-fresh/"
+  [S3h]="http://127.0.0.1:$s1/hs-fresh/")
+declare -A TOKENS=([S1t]="$work/es-warm" [S3w]="$work/es-warm" [S3c]="$work/es-fresh" [S3h]="$work/hs-fresh")
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 load() { # TARGET DURATION RUN -> wrk output (RUN picks the token file: 0 is the warm-up)
@@ -166,17 +170,6 @@ load() { # TARGET DURATION RUN -> wrk output (RUN picks the token file: 0 is the
   [ -n "${TOKENS[$1]:-}" ] && args=(-s "$work/tokens.lua" "${URL[$1]}" -- "${TOKENS[$1]}/tokens-$3")
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2s" "${args[@]}"
 }
-# jwt cache lookups of a route's filter: "hits misses"
-cache() {
-  curl -s "http://127.0.0.1:$adm/metrics" | python3 -c '
-import sys, re
-t = sys.stdin.read()
-def get(r):
-    m = re.search(r"vigil_proxy_jwt_cache_lookups_total\{issuer=\"vigil-auth\",result=\"%s\"\} (\S+)" % r, t)
-    return float(m.group(1)) if m else 0.0
-print(get("hit"), get("miss"))'
-}
-
 # run TARGET RUN -> "req_per_sec cpu_us_per_req"
 run() {
   local before after out reqs secs
@@ -196,21 +189,39 @@ latency() { # TARGET -> "p50_ms p99_ms" from oha at a fixed rate, or "- -"
     python3 -c 'import json, sys; p = json.load(sys.stdin)["latencyPercentiles"]; print("%.3f %.3f" % (p["p50"] * 1000, p["p99"] * 1000))'
 }
 
-declare -A RPS CPU P50 P99 HIT
+# jwt cache lookups so far, "hits misses" (the targets run one at a time: a run's difference is
+# its own); "0 0" for targets without a jwt route
+route_cache() {
+  case "$1" in S3*) ;; *) echo "0 0"; return ;; esac
+  curl -s "http://127.0.0.1:$adm/metrics" | python3 -c '
+import sys, re
+t, issuer = sys.stdin.read(), sys.argv[1]
+def get(r):
+    m = re.search(r"vigil_proxy_jwt_cache_lookups_total\{issuer=\"%s\",result=\"%s\"\} (\S+)" % (issuer, r), t)
+    return float(m.group(1)) if m else 0.0
+print(get("hit"), get("miss"))' vigil-auth
+}
+
+declare -A RPS CPU P50 P99 HIT RPS_RUNS CPU_RUNS HITS MISSES
 for t in "${targets[@]}"; do
   load "$t" 2 0 >/dev/null # warm-up: connections, caches, TLS sessions
-  read -r h0 m0 <<<"$(cache)"
-  rps=(); cpu=()
-  for i in $(seq "$RUNS"); do
+done
+for i in $(seq "$RUNS"); do
+  for t in "${targets[@]}"; do
+    read -r h0 m0 <<<"$(route_cache "$t")"
     read -r r c <<<"$(run "$t" "$i")"
-    rps+=("$r"); cpu+=("$c")
+    read -r h1 m1 <<<"$(route_cache "$t")"
+    RPS_RUNS[$t]+="$r "; CPU_RUNS[$t]+="$c "
+    HITS[$t]=$(python3 -c "print(${HITS[$t]:-0} + $h1 - $h0)"); MISSES[$t]=$(python3 -c "print(${MISSES[$t]:-0} + $m1 - $m0)")
   done
-  read -r h1 m1 <<<"$(cache)"
-  HIT[$t]=$(python3 -c "import sys; h,m=float(sys.argv[1]),float(sys.argv[2]); print(f'{h/(h+m):.2f}' if h+m else '-')" "$(python3 -c "print($h1-$h0)")" "$(python3 -c "print($m1-$m0)")")
-  RPS[$t]=$(printf '%s\n' "${rps[@]}" | median)
-  CPU[$t]=$(printf '%s\n' "${cpu[@]}" | median)
+  echo "round $i of $RUNS done" >&2
+done
+for t in "${targets[@]}"; do
+  HIT[$t]=$(python3 -c "h, m = ${HITS[$t]}, ${MISSES[$t]}; print(f'{h/(h+m):.2f}' if h + m else '-')")
+  RPS[$t]=$(tr ' ' '\n' <<<"${RPS_RUNS[$t]}" | grep . | median)
+  CPU[$t]=$(tr ' ' '\n' <<<"${CPU_RUNS[$t]}" | grep . | median)
   read -r P50[$t] P99[$t] <<<"$(latency "$t")"
-  echo "$t: ${RPS[$t]} req/s, ${CPU[$t]} us/req (runs: ${rps[*]} | ${cpu[*]}), jwt cache hit ratio ${HIT[$t]}" >&2
+  echo "$t: ${RPS[$t]} req/s, ${CPU[$t]} us/req (runs: ${RPS_RUNS[$t]}| ${CPU_RUNS[$t]}), jwt cache hit ratio ${HIT[$t]}" >&2
 done
 
 echo
@@ -238,7 +249,9 @@ if {"S1", "S2"} <= cpu.keys(): goals.append(f"S2 - S1 {cpu['S2']-cpu['S1']:+.2f}
 if goals: print("issue 3 goals: " + "   ".join(goals))
 goals = []
 if {"S1", "S3w"} <= rps.keys(): goals.append(f"S3w rps/S1 {rps['S3w']/rps['S1']:.2f} (>= 0.90)")
+if {"S1t", "S3w"} <= rps.keys(): goals.append(f"[S3w rps/S1t {rps['S3w']/rps['S1t']:.2f}]")
 if "S3c" in rps: goals.append(f"S3c {rps['S3c']:.0f} req/s per proxy core (>= 11000)")
 if {"S1", "S3h"} <= rps.keys(): goals.append(f"S3h rps/S1 {rps['S3h']/rps['S1']:.2f} (>= 0.90)")
+if {"S1t", "S3h"} <= rps.keys(): goals.append(f"[S3h rps/S1t {rps['S3h']/rps['S1t']:.2f}]")
 if goals: print("issue 4 goals: " + "   ".join(goals))
 PY

@@ -479,6 +479,11 @@ impl ProxyHttp for Edge {
                 resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
             }
             for (k, v) in &route.security_headers {
+                // An upstream's own Content-Security-Policy is a whole policy; ours only says who
+                // may frame the page: it is added where there is none, never put in its place.
+                if k == header::CONTENT_SECURITY_POLICY && resp.headers.contains_key(k) {
+                    continue;
+                }
                 resp.insert_header(k.clone(), v.clone())?;
             }
             if let (Some(cors), Some(origin)) = (&route.cors, &ctx.origin) {

@@ -35,6 +35,10 @@ async fn upstream() -> SocketAddr {
         )
         .route("/health", get(|| async { "ok" }))
         .route(
+            "/csp/page",
+            get(|| async { ([("content-security-policy", "default-src 'self'")], "page") }),
+        )
+        .route(
             "/health/host",
             get(|headers: axum::http::HeaderMap| async move {
                 match headers.get("host").and_then(|h| h.to_str().ok()) {
@@ -1495,5 +1499,33 @@ upstream = "unnamed"
     assert_eq!(
         body["upstreams_without_healthy_peers"],
         serde_json::json!(["unnamed"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_content_security_policy_is_kept_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "echo"
+"#;
+    let edge = Edge::start(toml, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    let r = c
+        .get(format!("{}/csp/page", edge.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-security-policy"], "default-src 'self'");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    let r = c.get(format!("{}/other", edge.http)).send().await.unwrap();
+    assert_eq!(
+        r.headers()["content-security-policy"],
+        "frame-ancestors 'none'",
+        "without a policy of its own, the page gets the edge's framing rule"
     );
 }
