@@ -20,6 +20,33 @@ pub enum Sink {
     Memory(Arc<Mutex<Vec<u8>>>),
 }
 
+/// The fields of every access-log line, in the order they are written: the log contract.
+pub const FIELDS: [&str; 23] = [
+    "ts",
+    "level",
+    "service",
+    "request_id",
+    "trace_id",
+    "client_ip",
+    "method",
+    "host",
+    "route",
+    "path",
+    "status",
+    "duration_ms",
+    "upstream_ms",
+    "bytes_in",
+    "bytes_out",
+    "subject",
+    "decision",
+    "stage",
+    "reason",
+    "waf_rule_ids",
+    "ratelimit_policy",
+    "tls_version",
+    "user_agent",
+];
+
 /// One request, as logged.
 #[derive(Debug)]
 pub struct Line<'a> {
@@ -228,32 +255,6 @@ fn write_out(buf: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const FIELDS: [&str; 23] = [
-        "ts",
-        "level",
-        "service",
-        "request_id",
-        "trace_id",
-        "client_ip",
-        "method",
-        "host",
-        "route",
-        "path",
-        "status",
-        "duration_ms",
-        "upstream_ms",
-        "bytes_in",
-        "bytes_out",
-        "subject",
-        "decision",
-        "stage",
-        "reason",
-        "waf_rule_ids",
-        "ratelimit_policy",
-        "tls_version",
-        "user_agent",
-    ];
 
     #[test]
     fn timestamps_are_rfc3339_utc_with_milliseconds() {
