@@ -426,7 +426,7 @@ pub struct SecurityHeaders {
     /// `Strict-Transport-Security` max-age on HTTPS responses; 0 leaves it out.
     #[serde(default = "default_hsts")]
     pub hsts_max_age_secs: u64,
-    /// `X-Frame-Options` (`DENY` or `SAMEORIGIN`), with the matching `frame-ancestors`.
+    /// `X-Frame-Options`: `deny`, `sameorigin`, or `off` (leave it to the upstream).
     #[serde(default = "default_frame_options")]
     pub frame_options: FrameOptions,
     /// `Referrer-Policy`.

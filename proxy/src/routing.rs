@@ -93,17 +93,15 @@ pub fn security_headers(
             HeaderValue::from_static("nosniff"),
         ));
     }
+    // X-Frame-Options only: a Content-Security-Policy of the edge's would replace the
+    // upstream's whole policy to say one thing, and every browser honours X-Frame-Options.
     let frames = match h.frame_options {
-        FrameOptions::Deny => Some(("DENY", "frame-ancestors 'none'")),
-        FrameOptions::Sameorigin => Some(("SAMEORIGIN", "frame-ancestors 'self'")),
+        FrameOptions::Deny => Some("DENY"),
+        FrameOptions::Sameorigin => Some("SAMEORIGIN"),
         FrameOptions::Off => None,
     };
-    if let Some((xfo, csp)) = frames {
+    if let Some(xfo) = frames {
         out.push((header::X_FRAME_OPTIONS, HeaderValue::from_static(xfo)));
-        out.push((
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(csp),
-        ));
     }
     out.extend(
         HeaderValue::from_str(&h.referrer_policy)
@@ -232,7 +230,6 @@ mod tests {
             [
                 "x-content-type-options: nosniff",
                 "x-frame-options: DENY",
-                "content-security-policy: frame-ancestors 'none'",
                 "referrer-policy: strict-origin-when-cross-origin",
             ]
         );

@@ -56,6 +56,8 @@ pub struct Ctx {
     in_flight: bool,
     /// `req.client_ip` as text (for `X-Forwarded-For` and the access log), made once.
     client_ip_text: String,
+    /// `req.request_id` as a header value (upstream and response), made once.
+    request_id: HeaderValue,
 }
 
 /// Headers a client may not set: the proxy speaks for the caller's identity.
@@ -208,6 +210,7 @@ impl ProxyHttp for Edge {
             body_bytes: 0,
             in_flight: false,
             client_ip_text: String::new(),
+            request_id: HeaderValue::from_static(""),
         }
     }
 
@@ -238,6 +241,9 @@ impl ProxyHttp for Edge {
             .and_then(|v| v.to_str().ok())
             .filter(|v| peer_trusted && valid_request_id(v))
             .map_or_else(new_request_id, str::to_owned);
+        // Ids are checked or made of [A-Za-z0-9._-]: always a valid header value.
+        ctx.request_id = HeaderValue::from_str(&ctx.req.request_id)
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
         ctx.host = request_host(req);
 
         if !req.raw_path_is_utf8() {
@@ -424,7 +430,7 @@ impl ProxyHttp for Edge {
             up.insert_header("x-forwarded-host", host.as_str())?;
         }
         up.remove_header("forwarded");
-        up.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        up.insert_header("x-request-id", ctx.request_id.clone())?;
         for name in &ctx.req.strip_headers {
             up.remove_header(name);
         }
@@ -470,8 +476,9 @@ impl ProxyHttp for Edge {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        resp.insert_header("x-request-id", ctx.req.request_id.as_str())?;
-        resp.insert_header(header::SERVER, "vigil")?;
+        resp.insert_header("x-request-id", ctx.request_id.clone())?;
+        // No name or version of the upstream's software leaves the edge.
+        resp.remove_header(&header::SERVER);
         if let Some(route) = &ctx.route {
             if self.tls
                 && let Some(hsts) = &route.hsts
@@ -479,11 +486,6 @@ impl ProxyHttp for Edge {
                 resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
             }
             for (k, v) in &route.security_headers {
-                // An upstream's own Content-Security-Policy is a whole policy; ours only says who
-                // may frame the page: it is added where there is none, never put in its place.
-                if k == header::CONTENT_SECURITY_POLICY && resp.headers.contains_key(k) {
-                    continue;
-                }
                 resp.insert_header(k.clone(), v.clone())?;
             }
             if let (Some(cors), Some(origin)) = (&route.cors, &ctx.origin) {
