@@ -250,7 +250,7 @@ if goals: print("issue 3 goals: " + "   ".join(goals))
 goals = []
 if {"S1", "S3w"} <= rps.keys(): goals.append(f"S3w rps/S1 {rps['S3w']/rps['S1']:.2f} (>= 0.90)")
 if {"S1t", "S3w"} <= rps.keys(): goals.append(f"[S3w rps/S1t {rps['S3w']/rps['S1t']:.2f}]")
-if "S3c" in rps: goals.append(f"S3c {rps['S3c']:.0f} req/s per proxy core (>= 11000)")
+if "S3c" in rps: goals.append(f"S3c {1e6 / cpu['S3c']:.0f} req per proxy CPU-second (>= 11000; {rps['S3c']:.0f} req/s)")
 if {"S1", "S3h"} <= rps.keys(): goals.append(f"S3h rps/S1 {rps['S3h']/rps['S1']:.2f} (>= 0.90)")
 if {"S1t", "S3h"} <= rps.keys(): goals.append(f"[S3h rps/S1t {rps['S3h']/rps['S1t']:.2f}]")
 if goals: print("issue 4 goals: " + "   ".join(goals))

@@ -55,7 +55,7 @@ pub struct Listen {
 }
 
 /// `[tls]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     /// Certificates; SNI picks one by its SANs, the first is the default. Reloaded when the
@@ -554,6 +554,16 @@ impl Default for Listen {
         }
     }
 }
+// Written out rather than derived: a config without `[tls]` keeps its generated certificate
+// under `data/certs` too, never in the working directory.
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            certs: Vec::new(),
+            generated_dir: default_generated_dir(),
+        }
+    }
+}
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -995,6 +1005,8 @@ mod tests {
         let c = parse(GOOD, "proxy.toml").unwrap();
         assert_eq!(c.listen.admin.port(), 9901);
         assert_eq!(c.listen.http.map(|a| a.port()), Some(8080));
+        // No `[tls]`: the generated certificate lives under data/certs, not in the cwd.
+        assert_eq!(c.tls.generated_dir, PathBuf::from("data/certs"));
         assert_eq!(c.upstreams["auth"].health_check.kind, HealthCheckKind::Http);
         assert_eq!(c.upstreams["auth"].connect_timeout_ms, 1000);
         assert_eq!(c.filters["office"].mode(), Mode::Shadow);

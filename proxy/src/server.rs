@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::compression::ResponseCompression;
 
@@ -63,6 +63,10 @@ pub struct Ctx {
 /// Headers a client may not set: the proxy speaks for the caller's identity.
 const IDENTITY_PREFIX: &str = "x-vigil-";
 
+// Header names looked up on every request, parsed once.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 impl Edge {
     /// Writes the JSON error for `r`, records it in the context, and returns `Ok(true)` (the
     /// request is answered).
@@ -87,7 +91,7 @@ async fn answer(
     session: &mut Session,
     ctx: &Ctx,
     status: StatusCode,
-    headers: &[(header::HeaderName, HeaderValue)],
+    headers: &[(HeaderName, HeaderValue)],
     body: Option<Bytes>,
 ) -> Result<bool> {
     let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
@@ -231,13 +235,13 @@ impl ProxyHttp for Edge {
         let req = session.req_header();
         let xff = req
             .headers
-            .get("x-forwarded-for")
+            .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok());
         ctx.req.client_ip = client_ip(peer, xff, |ip| self.trusted(&built, ip));
         ctx.client_ip_text = ip_text(ctx.req.client_ip);
         ctx.req.request_id = req
             .headers
-            .get("x-request-id")
+            .get(&X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|v| peer_trusted && valid_request_id(v))
             .map_or_else(new_request_id, str::to_owned);
@@ -418,7 +422,7 @@ impl ProxyHttp for Edge {
         let forwarded_for = match (
             peer,
             up.headers
-                .get("x-forwarded-for")
+                .get(&X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok()),
         ) {
             (Some(p), Some(prior)) if self.trusted(&ctx.built, p) => format!("{prior}, {p}"),
@@ -429,7 +433,7 @@ impl ProxyHttp for Edge {
         if let Some(host) = &ctx.host {
             up.insert_header("x-forwarded-host", host.as_str())?;
         }
-        up.remove_header("forwarded");
+        up.remove_header(&header::FORWARDED);
         up.insert_header("x-request-id", ctx.request_id.clone())?;
         for name in &ctx.req.strip_headers {
             up.remove_header(name);

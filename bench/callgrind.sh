@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Instructions per request, counted by callgrind: the figure that does not move with the
+# machine's noise (bench/run.sh measures time, and on a shared VM its runs differ by 10-30 %).
+#
+#   floor  Pingora with an empty ProxyHttp (bench/tools floor)
+#   S1     vigil, plain HTTP, one route, no filters
+#   S1t    S1 with an Authorization header on every request, no filter
+#   S3w    S1 + jwt (ES256), the same token again and again (the verified-token cache)
+#   S3c    S1 + jwt (ES256), a fresh token per request
+#   S3h    S1 + jwt (HS256), a fresh token per request
+#
+# Each proxy runs under `valgrind --tool=callgrind` against nginx (1 worker, the same small
+# JSON body as bench/run.sh); a Python client sends WARMUP requests on one keep-alive
+# connection, the counters are zeroed, then it sends COUNT more and the counters are dumped:
+# the figure is the total instructions over COUNT. Set KEEP=DIR to keep the callgrind files
+# for callgrind_annotate. Loopback only; every loop is bounded by its count.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COUNT=${COUNT:-2000}
+WARMUP=${WARMUP:-200}
+PROFILE=${PROFILE:-perf}
+read -r -a targets <<<"${TARGETS:-floor S1 S1t S3w S3c S3h}"
+for tool in nginx valgrind callgrind_control python3; do
+  command -v "$tool" >/dev/null || { echo "bench/callgrind.sh needs $tool (apt-get install -y nginx-light valgrind)" >&2; exit 1; }
+done
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+bin=target/$PROFILE
+cargo build --profile "$PROFILE" -p vigil --bin vigil -p vigil-bench --bins >&2
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
+up=$(free_port)
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  keepalive_requests 100000000;
+  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+  server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '{"ok":true,"service":"bench","items":[1,2,3]}'; } }
+}
+EOF
+nginx -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
+wait_port "$up"
+
+total=$((WARMUP + COUNT))
+"$bin/mint-tokens" ES256 "$total" "$work/es"
+"$bin/mint-tokens" HS256 "$total" "$work/hs"
+head -1 "$work/es/tokens-0" >"$work/es-one"
+
+cat >"$work/client.py" <<'EOF'
+# client.py PORT PATH COUNT [TOKENS]: COUNT GETs on one keep-alive connection, the i-th with
+# the i-th token of TOKENS (repeating the file when it is shorter); every answer must be 200.
+import http.client, sys
+port, path, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+tokens = open(sys.argv[4]).read().split() if len(sys.argv) > 4 else []
+offset = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(count):
+    headers = {"Authorization": "Bearer " + tokens[(offset + i) % len(tokens)]} if tokens else {}
+    conn.request("GET", path, headers=headers)
+    r = conn.getresponse()
+    r.read()
+    if r.status != 200:
+        sys.exit(f"request {i} to {path}: status {r.status}")
+EOF
+
+port=$(free_port)
+tls=$(free_port)
+adm=$(free_port)
+cat >"$work/proxy.toml" <<EOF
+[listen]
+http = "127.0.0.1:$port"
+http_redirect = false
+https = "127.0.0.1:$tls"
+admin = "127.0.0.1:$adm"
+[tls]
+generated_dir = "$work/certs"
+[upstreams.bench]
+addrs = ["127.0.0.1:$up"]
+health_check = { kind = "tcp", interval_ms = 60000 }
+[filters.es]
+kind = "jwt"
+issuer = "vigil-auth"
+audiences = ["vigil"]
+algorithms = ["ES256"]
+key_files = [{ path = "$work/es/key" }]
+[filters.hs]
+kind = "jwt"
+issuer = "vigil-auth"
+audiences = ["vigil"]
+algorithms = ["HS256"]
+hmac_secrets = [{ file = "$work/hs/key", kid = "bench-hs" }]
+[[routes]]
+name = "bench"
+path_prefix = "/"
+upstream = "bench"
+[[routes]]
+name = "es"
+path_prefix = "/es/"
+upstream = "bench"
+filters = ["es"]
+[[routes]]
+name = "hs"
+path_prefix = "/hs/"
+upstream = "bench"
+filters = ["hs"]
+EOF
+
+declare -A PATHS=([floor]=/ [S1]=/ [S1t]=/ [S3w]=/es/ [S3c]=/es/ [S3h]=/hs/)
+declare -A TOKENS=([S1t]="$work/es/tokens-0" [S3w]="$work/es-one" [S3c]="$work/es/tokens-0" [S3h]="$work/hs/tokens-0")
+declare -A IR
+for t in "${targets[@]}"; do
+  out="$work/cg-$t"
+  mkdir -p "$out"
+  if [ "$t" = floor ]; then
+    cmd=("$bin/floor" "127.0.0.1:$port" "127.0.0.1:$up")
+  else
+    cmd=("$bin/vigil" proxy --config "$work/proxy.toml" --threads 1)
+  fi
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out.%p" \
+    "${cmd[@]}" >"$out/stdout" 2>"$out/stderr" &
+  pid=$!
+  wait_port "$port"
+  tokens=()
+  [ -n "${TOKENS[$t]:-}" ] && tokens=("${TOKENS[$t]}")
+  python3 "$work/client.py" "$port" "${PATHS[$t]}" "$WARMUP" "${tokens[@]}" ${tokens:+0}
+  callgrind_control --zero "$pid" >/dev/null
+  python3 "$work/client.py" "$port" "${PATHS[$t]}" "$COUNT" "${tokens[@]}" ${tokens:+"$WARMUP"}
+  callgrind_control --dump="$t" "$pid" >/dev/null
+  kill -INT "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  dump=$(grep -l "^desc: Trigger: dump $t$" "$out"/callgrind.out.* | head -1)
+  ir=$(awk '/^summary:|^totals:/ {print $2; exit}' "$dump")
+  IR[$t]=$((ir / COUNT))
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$dump" "$KEEP/callgrind.$t"; fi
+  echo "$t: ${IR[$t]} instructions per request" >&2
+done
+
+echo
+echo "instructions per request (callgrind, profile $PROFILE, $COUNT requests after $WARMUP on one keep-alive connection)"
+printf '%-6s %12s %10s %10s\n' target Ir/request vs_floor vs_S1
+for t in "${targets[@]}"; do
+  python3 -c '
+import sys
+t, ir, floor, s1 = sys.argv[1], *map(float, sys.argv[2:])
+r = lambda a, b: f"{a / b:10.2f}" if b else "%10s" % "-"
+print(f"{t:<6} {ir:12.0f} {r(ir, floor)} {r(ir, s1)}")' "$t" "${IR[$t]}" "${IR[floor]:-0}" "${IR[S1]:-0}"
+done
