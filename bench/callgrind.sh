@@ -20,39 +20,12 @@ COUNT=${COUNT:-2000}
 WARMUP=${WARMUP:-200}
 PROFILE=${PROFILE:-perf}
 read -r -a targets <<<"${TARGETS:-floor S1 S1t S3w S3c S3h}"
-for tool in nginx valgrind callgrind_control python3; do
-  command -v "$tool" >/dev/null || { echo "bench/callgrind.sh needs $tool (apt-get install -y nginx-light valgrind)" >&2; exit 1; }
-done
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+. bench/common.sh
+need bench/callgrind.sh nginx valgrind callgrind_control python3
 bin=target/$PROFILE
 cargo build --profile "$PROFILE" -p vigil --bin vigil -p vigil-bench --bins >&2
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
 up=$(free_port)
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
-  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
-  server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '{"ok":true,"service":"bench","items":[1,2,3]}'; } }
-}
-EOF
-nginx -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
+start_upstream "$up"
 wait_port "$up"
 
 total=$((WARMUP + COUNT))
@@ -61,8 +34,8 @@ total=$((WARMUP + COUNT))
 head -1 "$work/es/tokens-0" >"$work/es-one"
 
 cat >"$work/client.py" <<'EOF'
-# client.py PORT PATH COUNT [TOKENS]: COUNT GETs on one keep-alive connection, the i-th with
-# the i-th token of TOKENS (repeating the file when it is shorter); every answer must be 200.
+# client.py PORT PATH COUNT [TOKENS [OFFSET]]: COUNT GETs on one keep-alive connection, the i-th
+# with token OFFSET+i of TOKENS (round robin); every answer must be 200.
 import http.client, sys
 port, path, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 tokens = open(sys.argv[4]).read().split() if len(sys.argv) > 4 else []

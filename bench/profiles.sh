@@ -16,32 +16,13 @@ DURATION=${DURATION:-10}
 RUNS=${RUNS:-3}
 CONNECTIONS=${CONNECTIONS:-32}
 read -r -a PROFILES <<<"${PROFILES:-release perf-lto perf perf-abort}"
-for tool in nginx wrk taskset python3; do
-  command -v "$tool" >/dev/null || { echo "bench/profiles.sh needs $tool" >&2; exit 1; }
-done
+. bench/common.sh
+need bench/profiles.sh nginx wrk taskset python3
 for p in "${PROFILES[@]}"; do
   cargo build --profile "$p" -p vigil --bin vigil -p vigil-bench --bins >&2
 done
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
 up=$(free_port)
-mkdir -p "$work/u"
-body='{"ok":true,"service":"bench","items":[1,2,3]}'
-printf '%s\n' "worker_processes 1; daemon off; pid $work/u/nginx.pid; error_log $work/u/error.log warn;" \
-  "events { worker_connections 4096; }" \
-  "http { access_log off; keepalive_requests 100000000;" \
-  "  client_body_temp_path $work/u; proxy_temp_path $work/u; fastcgi_temp_path $work/u; uwsgi_temp_path $work/u; scgi_temp_path $work/u;" \
-  "  server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '$body'; } } }" \
-  >"$work/u/nginx.conf"
-taskset -c 1 nginx -e "$work/u/error.log" -p "$work/u" -c "$work/u/nginx.conf" & pids+=($!)
+start_upstream "$up" 1
 declare -A PID URL
 for p in "${PROFILES[@]}"; do
   fp=$(free_port); vp=$(free_port)

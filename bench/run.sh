@@ -38,47 +38,17 @@ FRESH_ES=${FRESH_ES:-150000}    # distinct ES256 tokens per load run (> S3c req/
 FRESH_HS=${FRESH_HS:-300000}    # distinct HS256 tokens per load run (> S3h req/s x DURATION)
 read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S1t S3w S3c S3h}"
 
-for tool in nginx wrk taskset python3; do
-  command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y nginx-light wrk util-linux)" >&2; exit 1; }
-done
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+. bench/common.sh
+need bench/run.sh nginx wrk taskset python3
 bin=target/$PROFILE
 cargo build --profile "$PROFILE" -p vigil --bin vigil -p vigil-bench --bins >&2
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
 up=$(free_port); ngx=$(free_port); flo=$(free_port); flm=$(free_port); s1=$(free_port); s2=$(free_port); adm=$(free_port)
 
-nginx_conf() { # name listen http-extra server-body
-  mkdir -p "$work/$1"
-  cat >"$work/$1/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/$1/nginx.pid;
-error_log $work/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  client_body_temp_path $work/$1; proxy_temp_path $work/$1; fastcgi_temp_path $work/$1;
-  uwsgi_temp_path $work/$1; scgi_temp_path $work/$1;
-  $3
-  server { listen 127.0.0.1:$2; $4 }
-}
-EOF
-}
-nginx_conf upstream "$up" "" "location / { default_type application/json; return 200 '{\"ok\":true,\"service\":\"bench\",\"items\":[1,2,3]}'; }"
+start_upstream "$up" "$LOAD_CPU"
 nginx_conf proxy "$ngx" "upstream u { server 127.0.0.1:$up; keepalive 64; }" \
   "location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
-taskset -c "$LOAD_CPU" nginx -e "$work/upstream/error.log" -p "$work/upstream" -c "$work/upstream/nginx.conf" & pids+=($!)
-taskset -c "$PROXY_CPU" nginx -e "$work/proxy/error.log" -p "$work/proxy" -c "$work/proxy/nginx.conf" & pids+=($!)
+start_nginx proxy "$PROXY_CPU"
 taskset -c "$PROXY_CPU" "$bin/floor" "127.0.0.1:$flo" "127.0.0.1:$up" >"$work/floor.log" 2>&1 & pids+=($!)
 floor_pid=$!
 taskset -c "$PROXY_CPU" "$bin/floor-mimalloc" "127.0.0.1:$flm" "127.0.0.1:$up" >"$work/floorm.log" 2>&1 & pids+=($!)
