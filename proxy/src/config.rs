@@ -247,8 +247,8 @@ pub struct JwtFilterConfig {
     pub required: bool,
     /// Whether the token's header goes on to the upstream. Off by default: the upstream learns
     /// the caller from `forward_claims`, and a bearer credential travels no further than it
-    /// must. Turn it on for upstreams that check the token themselves. (A token in a cookie
-    /// always goes on with its `Cookie` header.)
+    /// must. Turn it on for upstreams that check the token themselves. (A token in a cookie is
+    /// taken out of the `Cookie` header; the other cookies go on.)
     #[serde(default)]
     pub forward_token: bool,
     /// Claims a token must carry with one of the given values (`role = "admin"`,

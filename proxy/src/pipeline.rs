@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::request::Parts;
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 
 use crate::config::Mode;
 
@@ -108,6 +108,8 @@ pub struct RequestCtx {
     pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
     /// Request headers filters keep from the upstream (a bearer token the edge has consumed).
     pub strip_headers: Vec<HeaderName>,
+    /// Cookies, by name, filters keep from the upstream (a token cookie); the others go on.
+    pub strip_cookies: Vec<String>,
     /// What was decided.
     pub decision: Decision,
     /// The stage and reason of the rejection (enforced or shadowed) that decided.
@@ -126,6 +128,7 @@ impl RequestCtx {
             subject: None,
             upstream_headers: Vec::new(),
             strip_headers: Vec::new(),
+            strip_cookies: Vec::new(),
             decision: Decision::Allow,
             stage: None,
             reason: None,
@@ -257,6 +260,45 @@ impl Pipeline {
     }
 }
 
+/// The `name=value` pairs of a request's `Cookie` headers, trimmed (HTTP/2 may split them over
+/// several headers).
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .map(<[u8]>::trim_ascii)
+        .filter(|pair| !pair.is_empty())
+}
+
+/// A request's cookies as `(name, value)`; a pair without `=` is no cookie.
+pub fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
+    cookie_pairs(headers).filter_map(|pair| {
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        Some((&pair[..eq], &pair[eq + 1..]))
+    })
+}
+
+/// The request's cookies as one `Cookie` value, without those named in `names`; `None` when
+/// none is left. Every other pair goes on as it came.
+pub fn cookies_without(headers: &HeaderMap, names: &[String]) -> Option<HeaderValue> {
+    let mut kept = Vec::new();
+    for pair in cookie_pairs(headers) {
+        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair);
+        if pair.contains(&b'=') && names.iter().any(|n| n.as_bytes() == name) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.extend_from_slice(b"; ");
+        }
+        kept.extend_from_slice(pair);
+    }
+    // Pieces of valid header values joined by "; ": valid whenever there is one.
+    HeaderValue::from_bytes(&kept)
+        .ok()
+        .filter(|_| !kept.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +322,38 @@ mod tests {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Verdict::Continue
         }
+    }
+
+    #[test]
+    fn a_named_cookie_is_taken_out_and_the_rest_go_on_as_they_came() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("theme=dark; vigil_token=abc.def"),
+        );
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static(" lang=en ;flag; x=a=b"),
+        );
+        let found: Vec<_> = cookies(&headers).collect();
+        assert_eq!(
+            found,
+            [
+                (&b"theme"[..], &b"dark"[..]),
+                (b"vigil_token", b"abc.def"),
+                (b"lang", b"en"),
+                (b"x", b"a=b")
+            ]
+        );
+        let names = ["vigil_token".to_owned()];
+        assert_eq!(
+            cookies_without(&headers, &names).unwrap(),
+            "theme=dark; lang=en; flag; x=a=b"
+        );
+        let only =
+            HeaderMap::from_iter([(header::COOKIE, HeaderValue::from_static("vigil_token=t"))]);
+        assert_eq!(cookies_without(&only, &names), None);
+        assert_eq!(cookies_without(&HeaderMap::new(), &names), None);
     }
 
     fn stage(name: &str, filter: Arc<dyn Filter>, mode: Mode) -> Stage {

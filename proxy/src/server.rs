@@ -438,6 +438,13 @@ impl ProxyHttp for Edge {
         for name in &ctx.req.strip_headers {
             up.remove_header(name);
         }
+        if !ctx.req.strip_cookies.is_empty() {
+            let kept = crate::pipeline::cookies_without(&up.headers, &ctx.req.strip_cookies);
+            up.remove_header(&header::COOKIE);
+            if let Some(cookies) = kept {
+                up.insert_header(header::COOKIE, cookies)?;
+            }
+        }
         for (name, value) in &ctx.req.upstream_headers {
             up.insert_header(name.clone(), value.clone())?;
         }

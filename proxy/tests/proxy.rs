@@ -1262,6 +1262,14 @@ hmac_secrets = [{ file = "{secret}", kid = "h1" }]
 required = false
 forward_token = true
 
+[filters.crumb]
+kind = "jwt"
+issuer = "edge-test"
+audiences = ["api"]
+algorithms = ["HS256"]
+hmac_secrets = [{ file = "{secret}", kid = "h1" }]
+token_from = "cookie:vigil_token"
+
 [filters.watch]
 kind = "jwt"
 issuer = "edge-test"
@@ -1281,6 +1289,12 @@ name = "maybe"
 path_prefix = "/maybe/"
 upstream = "echo"
 filters = ["maybe"]
+
+[[routes]]
+name = "crumb"
+path_prefix = "/crumb/"
+upstream = "echo"
+filters = ["crumb"]
 
 [[routes]]
 name = "watch"
@@ -1365,6 +1379,30 @@ async fn the_jwt_filter_tells_the_upstream_who_the_caller_is() {
         .await
         .unwrap();
     assert_rejection(&json(r).await, 401, "jwt", "bad_signature");
+
+    // From a cookie: the token cookie stops at the edge, the caller's other cookies go on.
+    let r = c
+        .get(format!("{}/crumb/x", edge.http))
+        .header(
+            "cookie",
+            format!("theme=dark; vigil_token={token}; lang=en"),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["headers"]["x-vigil-subject"], "alice");
+    assert_eq!(body["headers"]["cookie"], "theme=dark; lang=en");
+    let r = c
+        .get(format!("{}/crumb/x", edge.http))
+        .header("cookie", format!("vigil_token={token}"))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["headers"].get("cookie").is_none(), "{body}");
 
     // Shadow: the forged token goes through, logged and counted as what would have happened.
     let r = c

@@ -199,9 +199,9 @@ pub struct JwtFilter {
     from: TokenFrom,
     max_token_bytes: usize,
     required: bool,
-    /// The header that carried the token, removed before the request goes upstream; `None`
-    /// when the token is forwarded (`forward_token`, or a cookie).
-    strip: Option<HeaderName>,
+    /// What carried the token, taken out before the request goes upstream; `None` when the
+    /// token is forwarded (`forward_token`).
+    strip: Option<Strip>,
     /// Shadow mode: judge and count, but change nothing the upstream receives.
     shadow: bool,
     required_claims: Vec<(String, ClaimValue)>,
@@ -222,6 +222,15 @@ impl std::fmt::Debug for JwtFilter {
 }
 
 /// The JOSE header members the filter reads or refuses.
+/// Where a consumed token is taken out of the request.
+#[derive(Debug)]
+enum Strip {
+    /// The whole header (`Authorization`, or the configured one).
+    Header(HeaderName),
+    /// Only this cookie; the others go on.
+    Cookie(String),
+}
+
 #[derive(Deserialize)]
 struct JoseHeader<'a> {
     #[serde(borrow)]
@@ -307,9 +316,10 @@ impl JwtFilter {
             required: c.required,
             shadow: c.mode == crate::config::Mode::Shadow,
             strip: match (&c.token_from, c.forward_token) {
-                (_, true) | (TokenFrom::Cookie(_), _) => None,
-                (TokenFrom::Authorization, false) => Some(header::AUTHORIZATION),
-                (TokenFrom::Header(name), false) => Some(name.clone()),
+                (_, true) => None,
+                (TokenFrom::Authorization, false) => Some(Strip::Header(header::AUTHORIZATION)),
+                (TokenFrom::Header(name), false) => Some(Strip::Header(name.clone())),
+                (TokenFrom::Cookie(name), false) => Some(Strip::Cookie(name.clone())),
             },
             required_claims: c
                 .required_claims
@@ -358,16 +368,8 @@ impl JwtFilter {
                 Some(v) => bearer(v).unwrap_or(v.trim_ascii()),
             },
             TokenFrom::Cookie(name) => {
-                let mut found = req
-                    .headers
-                    .get_all(header::COOKIE)
-                    .iter()
-                    .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-                    .filter_map(|pair| {
-                        let pair = pair.trim_ascii();
-                        let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
-                        (k == name.as_bytes()).then(|| &v[1..])
-                    });
+                let mut found = crate::pipeline::cookies(&req.headers)
+                    .filter_map(|(k, v)| (k == name.as_bytes()).then_some(v));
                 match (found.next(), found.next()) {
                     (None, _) => return Ok(None),
                     (Some(t), None) => t,
@@ -516,8 +518,10 @@ impl JwtFilter {
         };
         // Enforced, the token's header stops here unless `forward_token` says otherwise. A
         // shadowed filter changes nothing the upstream receives.
-        if let (Some(name), false) = (&self.strip, self.shadow) {
-            ctx.strip_headers.push(name.clone());
+        match (&self.strip, self.shadow) {
+            (Some(Strip::Header(name)), false) => ctx.strip_headers.push(name.clone()),
+            (Some(Strip::Cookie(name)), false) => ctx.strip_cookies.push(name.clone()),
+            _ => {}
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -1294,6 +1298,24 @@ mod tests {
         c.forward_token = true;
         let (f, _) = filter(&c, vec![ed.key()]);
         assert!(verdict(&f, &bearer(&token)).1.strip_headers.is_empty());
+
+        // From a cookie, only that cookie is taken out (the proxy rebuilds the header).
+        let mut c = config(&["EdDSA"]);
+        c.token_from = TokenFrom::Cookie("vigil_token".into());
+        let (f, _) = filter(&c, vec![ed.key()]);
+        let cookie = format!("theme=dark; vigil_token={token}");
+        let (v, ctx) = verdict(&f, &request(&[("cookie", &cookie)]));
+        assert_eq!(v, None);
+        assert!(ctx.strip_headers.is_empty());
+        assert_eq!(ctx.strip_cookies, ["vigil_token"]);
+        c.forward_token = true;
+        let (f, _) = filter(&c, vec![ed.key()]);
+        assert!(
+            verdict(&f, &request(&[("cookie", &cookie)]))
+                .1
+                .strip_cookies
+                .is_empty()
+        );
     }
 
     #[test]
