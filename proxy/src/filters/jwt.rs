@@ -516,8 +516,8 @@ impl JwtFilter {
             None if self.required => return Err(Failure::Missing),
             None => return Ok(false),
         };
-        // Enforced, the token's header stops here unless `forward_token` says otherwise. A
-        // shadowed filter changes nothing the upstream receives.
+        // Enforced, the token stops here (its header, or its cookie) unless `forward_token`
+        // says otherwise. A shadowed filter changes nothing the upstream receives.
         match (&self.strip, self.shadow) {
             (Some(Strip::Header(name)), false) => ctx.strip_headers.push(name.clone()),
             (Some(Strip::Cookie(name)), false) => ctx.strip_cookies.push(name.clone()),
