@@ -284,8 +284,8 @@ pub fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
 pub fn cookies_without(headers: &HeaderMap, names: &[String]) -> Option<HeaderValue> {
     let mut kept = Vec::new();
     for pair in cookie_pairs(headers) {
-        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair);
-        if pair.contains(&b'=') && names.iter().any(|n| n.as_bytes() == name) {
+        let name = pair.iter().position(|b| *b == b'=').map(|eq| &pair[..eq]);
+        if name.is_some_and(|name| names.iter().any(|n| n.as_bytes() == name)) {
             continue;
         }
         if !kept.is_empty() {

@@ -95,7 +95,7 @@ async fn answer(
     body: Option<Bytes>,
 ) -> Result<bool> {
     let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
-    resp.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+    resp.insert_header("x-request-id", ctx.request_id.clone())?;
     for (k, v) in headers {
         resp.insert_header(k.clone(), v.clone())?;
     }
