@@ -3,6 +3,7 @@
 # machine's noise (bench/run.sh measures time, and on a shared VM its runs differ by 10-30 %).
 #
 #   floor  Pingora with an empty ProxyHttp (bench/tools floor)
+#   floorm the same floor on mimalloc, vigil's allocator (S1 against Pingora on the same allocator)
 #   S1     vigil, plain HTTP, one route, no filters
 #   S1t    S1 with an Authorization header on every request, no filter
 #   S3w    S1 + jwt (ES256), the same token again and again (the verified-token cache)
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 COUNT=${COUNT:-2000}
 WARMUP=${WARMUP:-200}
 PROFILE=${PROFILE:-perf}
-read -r -a targets <<<"${TARGETS:-floor S1 S1t S3w S3c S3h}"
+read -r -a targets <<<"${TARGETS:-floor floorm S1 S1t S3w S3c S3h}"
 . bench/common.sh
 need bench/callgrind.sh nginx valgrind callgrind_control python3
 bin=target/$PROFILE
@@ -92,7 +93,7 @@ upstream = "bench"
 filters = ["hs"]
 EOF
 
-declare -A PATHS=([floor]=/ [S1]=/ [S1t]=/ [S3w]=/es/ [S3c]=/es/ [S3h]=/hs/)
+declare -A PATHS=([floor]=/ [floorm]=/ [S1]=/ [S1t]=/ [S3w]=/es/ [S3c]=/es/ [S3h]=/hs/)
 declare -A TOKENS=([S1t]="$work/es/tokens-0" [S3w]="$work/es-one" [S3c]="$work/es/tokens-0" [S3h]="$work/hs/tokens-0")
 declare -A IR
 for t in "${targets[@]}"; do
@@ -100,6 +101,8 @@ for t in "${targets[@]}"; do
   mkdir -p "$out"
   if [ "$t" = floor ]; then
     cmd=("$bin/floor" "127.0.0.1:$port" "127.0.0.1:$up")
+  elif [ "$t" = floorm ]; then
+    cmd=("$bin/floor-mimalloc" "127.0.0.1:$port" "127.0.0.1:$up")
   else
     cmd=("$bin/vigil" proxy --config "$work/proxy.toml" --threads 1)
   fi

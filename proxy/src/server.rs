@@ -65,6 +65,8 @@ const IDENTITY_PREFIX: &str = "x-vigil-";
 
 // Header names looked up on every request, parsed once.
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 impl Edge {
@@ -84,6 +86,74 @@ impl Edge {
             .iter()
             .any(|n| n.contains(&ip.to_canonical()))
     }
+}
+
+/// Edits the headers of the request to the upstream in place. Pingora's `RequestHeader` keeps a
+/// case-preserving name map beside its `HeaderMap`, cannot reserve room ahead, and parses the
+/// name on every edit, writing both maps: about 1.2k instructions per header (callgrind). The
+/// edge takes the parts out instead, edits the `HeaderMap` with names parsed once and room for
+/// `extra` more headers, and puts them back without the case map: names then go on the wire in
+/// lower case, as HTTP/2 sends them (HTTP field names are case-insensitive, RFC 9110 §5.1).
+/// The request target and the HTTP/2 end-of-stream flag are kept as they were.
+fn edit_request(
+    up: &mut RequestHeader,
+    extra: usize,
+    edit: impl FnOnce(&mut http::HeaderMap) -> Result<()>,
+) -> Result<()> {
+    // The target as a header rebuilt from the URI would send it (pingora's `raw_path`); an
+    // absolute-form target differs and is set again.
+    let from_uri = up
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .or_else(|| up.uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default();
+    let raw = (up.raw_path() != from_uri.as_bytes()).then(|| up.raw_path().to_vec());
+    let end_stream = up.send_end_stream();
+    let mut parts: http::request::Parts = std::mem::replace(
+        up,
+        RequestHeader::from(http::Request::new(()).into_parts().0),
+    )
+    .into();
+    parts.headers.reserve(extra);
+    let edited = edit(&mut parts.headers);
+    *up = RequestHeader::from(parts);
+    if let Some(raw) = raw {
+        up.set_raw_path(&raw)?;
+    }
+    if let Some(end_stream) = end_stream {
+        up.set_send_end_stream(end_stream);
+    }
+    edited
+}
+
+/// [`edit_request`] for the response to the client; a reason phrase of the upstream's own is
+/// kept.
+fn edit_response(
+    resp: &mut ResponseHeader,
+    extra: usize,
+    edit: impl FnOnce(&mut http::HeaderMap),
+) -> Result<()> {
+    let reason = resp
+        .get_reason_phrase()
+        .filter(|r| Some(*r) != resp.status.canonical_reason())
+        .map(str::to_owned);
+    let mut parts: http::response::Parts = std::mem::replace(
+        resp,
+        ResponseHeader::from(http::Response::new(()).into_parts().0),
+    )
+    .into();
+    parts.headers.reserve(extra);
+    edit(&mut parts.headers);
+    *resp = ResponseHeader::from(parts);
+    resp.set_reason_phrase(reason.as_deref())
+}
+
+/// A header value the edge composed (a host, an address list); bytes a header cannot carry are
+/// an error for the request, never a panic.
+fn header_value(v: impl TryInto<HeaderValue>) -> Result<HeaderValue> {
+    v.try_into()
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "invalid header value"))
 }
 
 /// Writes an answer of the proxy's own: status, the request id, `headers`, and a JSON body.
@@ -406,49 +476,54 @@ impl ProxyHttp for Edge {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let identity: Vec<_> = up
-            .headers
-            .keys()
-            .filter(|k| k.as_str().starts_with(IDENTITY_PREFIX))
-            .cloned()
-            .collect();
-        for name in identity {
-            up.remove_header(&name);
-        }
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let forwarded_for = match (
-            peer,
-            up.headers
-                .get(&X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok()),
-        ) {
-            (Some(p), Some(prior)) if self.trusted(&ctx.built, p) => format!("{prior}, {p}"),
-            _ => ctx.client_ip_text.clone(),
-        };
-        up.insert_header("x-forwarded-for", forwarded_for)?;
-        up.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
-        if let Some(host) = &ctx.host {
-            up.insert_header("x-forwarded-host", host.as_str())?;
-        }
-        up.remove_header(&header::FORWARDED);
-        up.insert_header("x-request-id", ctx.request_id.clone())?;
-        for name in &ctx.req.strip_headers {
-            up.remove_header(name);
-        }
-        if !ctx.req.strip_cookies.is_empty() {
-            let kept = crate::pipeline::cookies_without(&up.headers, &ctx.req.strip_cookies);
-            up.remove_header(&header::COOKIE);
-            if let Some(cookies) = kept {
-                up.insert_header(header::COOKIE, cookies)?;
+        let extra = 4 + ctx.req.upstream_headers.len();
+        edit_request(up, extra, |headers| {
+            let identity: Vec<_> = headers
+                .keys()
+                .filter(|k| k.as_str().starts_with(IDENTITY_PREFIX))
+                .cloned()
+                .collect();
+            for name in identity {
+                headers.remove(name);
             }
-        }
-        for (name, value) in &ctx.req.upstream_headers {
-            up.insert_header(name.clone(), value.clone())?;
-        }
-        Ok(())
+            let forwarded_for = match (
+                peer,
+                headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
+            ) {
+                (Some(p), Some(prior)) if self.trusted(&ctx.built, p) => {
+                    header_value(format!("{prior}, {p}"))?
+                }
+                _ => header_value(ctx.client_ip_text.as_str())?,
+            };
+            headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+            headers.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(if self.tls { "https" } else { "http" }),
+            );
+            if let Some(host) = &ctx.host {
+                headers.insert(X_FORWARDED_HOST.clone(), header_value(host.as_str())?);
+            }
+            headers.remove(header::FORWARDED);
+            headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+            for name in &ctx.req.strip_headers {
+                headers.remove(name);
+            }
+            if !ctx.req.strip_cookies.is_empty() {
+                let kept = crate::pipeline::cookies_without(headers, &ctx.req.strip_cookies);
+                headers.remove(header::COOKIE);
+                if let Some(cookies) = kept {
+                    headers.insert(header::COOKIE, cookies);
+                }
+            }
+            for (name, value) in &ctx.req.upstream_headers {
+                headers.insert(name.clone(), value.clone());
+            }
+            Ok(())
+        })
     }
 
     fn response_body_filter(
@@ -487,28 +562,33 @@ impl ProxyHttp for Edge {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        resp.insert_header("x-request-id", ctx.request_id.clone())?;
-        // No name or version of the upstream's software leaves the edge.
-        resp.remove_header(&header::SERVER);
-        if let Some(route) = &ctx.route {
+        let route = ctx.route.as_deref();
+        let cors = match (route.and_then(|r| r.cors.as_ref()), &ctx.origin) {
+            (Some(cors), Some(origin)) => crate::cors::response_headers(cors, origin),
+            _ => Vec::new(),
+        };
+        let set = route.map(|r| r.pipeline.on_response(resp.status, &ctx.req).set);
+        let extra = 2 + route.map_or(0, |r| r.security_headers.len()) + cors.len();
+        edit_response(resp, extra, |headers| {
+            headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+            // No name or version of the upstream's software leaves the edge.
+            headers.remove(header::SERVER);
+            let Some(route) = route else { return };
             if self.tls
                 && let Some(hsts) = &route.hsts
             {
-                resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+                headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
             }
             for (k, v) in &route.security_headers {
-                resp.insert_header(k.clone(), v.clone())?;
+                headers.insert(k.clone(), v.clone());
             }
-            if let (Some(cors), Some(origin)) = (&route.cors, &ctx.origin) {
-                for (k, v) in crate::cors::response_headers(cors, origin) {
-                    resp.insert_header(k, v)?;
-                }
+            for (k, v) in cors {
+                headers.insert(k, v);
             }
-            for (k, v) in route.pipeline.on_response(resp.status, &ctx.req).set {
-                resp.insert_header(k, v)?;
+            for (k, v) in set.into_iter().flatten() {
+                headers.insert(k, v);
             }
-        }
-        Ok(())
+        })
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -760,5 +840,61 @@ mod tests {
         assert!(!valid_request_id(""));
         assert!(!valid_request_id("a b"));
         assert!(!valid_request_id(&"x".repeat(129)));
+    }
+
+    fn wire(up: &RequestHeader) -> String {
+        let mut buf = Vec::new();
+        up.header_to_h1_wire(&mut buf);
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn an_edited_request_keeps_its_target_method_and_headers_in_order() {
+        for target in [&b"/a/b?c=d"[..], b"http://example.com/x?y", b"*"] {
+            let mut up = RequestHeader::build("OPTIONS", target, None).unwrap();
+            up.append_header("X-First", "1").unwrap();
+            up.append_header("x-vigil-subject", "mallory").unwrap();
+            up.append_header("X-First", "2").unwrap();
+            up.append_header("Accept", "*/*").unwrap();
+            edit_request(&mut up, 1, |h| {
+                h.remove("x-vigil-subject");
+                h.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("id-1"));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(up.raw_path(), target, "the target goes on as it came");
+            assert_eq!(up.method, http::Method::OPTIONS);
+            assert_eq!(
+                wire(&up),
+                "x-first: 1\r\nx-first: 2\r\naccept: */*\r\nx-request-id: id-1\r\n",
+                "the client's headers in their order, repeated ones kept, the edit applied"
+            );
+        }
+        let mut h2 = RequestHeader::build("POST", b"/", None).unwrap();
+        h2.set_version(http::Version::HTTP_2);
+        h2.set_send_end_stream(false);
+        edit_request(&mut h2, 0, |_| Ok(())).unwrap();
+        assert_eq!(h2.send_end_stream(), Some(false));
+        assert_eq!(h2.version, http::Version::HTTP_2);
+    }
+
+    #[test]
+    fn an_edited_response_keeps_its_status_and_reason_phrase() {
+        let mut resp = ResponseHeader::build(StatusCode::IM_A_TEAPOT, None).unwrap();
+        resp.set_reason_phrase(Some("Short And Stout")).unwrap();
+        resp.append_header("Server", "nginx/1.22").unwrap();
+        edit_response(&mut resp, 1, |h| {
+            h.remove(header::SERVER);
+            h.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("id-2"));
+        })
+        .unwrap();
+        assert_eq!(resp.status, StatusCode::IM_A_TEAPOT);
+        assert_eq!(resp.get_reason_phrase(), Some("Short And Stout"));
+        assert_eq!(resp.headers.len(), 1);
+        assert_eq!(resp.headers["x-request-id"], "id-2");
+
+        let mut plain = ResponseHeader::build(StatusCode::OK, None).unwrap();
+        edit_response(&mut plain, 0, |_| {}).unwrap();
+        assert_eq!(plain.get_reason_phrase(), Some("OK"));
     }
 }
