@@ -1122,6 +1122,13 @@ async fn system_endpoints(app: &TestApp) {
         assert!(paths.contains_key(p), "openapi documents {p}");
     }
     assert!(doc.body["components"]["securitySchemes"]["bearer"].is_object());
+    for patch in ["ContentPatch", "UserPatch"] {
+        assert_eq!(
+            doc.body["components"]["schemas"][patch]["minProperties"], 1,
+            "{patch}: a PATCH body names at least one field"
+        );
+        assert!(doc.body["components"]["schemas"][patch]["maxProperties"].is_null());
+    }
     // Readiness follows the database.
     app.state.db.pool.close().await;
     assert_error(

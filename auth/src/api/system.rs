@@ -66,11 +66,30 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// A PATCH body must name at least one field (the handlers answer 400 "nothing to change"
+/// otherwise); the schemas say so. Set here because utoipa-gen 5.5's `min_properties` attribute
+/// writes `maxProperties`.
+struct PatchNeedsAField;
+
+impl utoipa::Modify for PatchNeedsAField {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, schema::Schema};
+        let Some(components) = doc.components.as_mut() else {
+            return;
+        };
+        for name in ["ContentPatch", "UserPatch"] {
+            if let Some(RefOr::T(Schema::Object(schema))) = components.schemas.get_mut(name) {
+                schema.min_properties = Some(1);
+            }
+        }
+    }
+}
+
 /// The OpenAPI document, generated from the handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Vigil auth", description = "Accounts, sessions and content behind the Vigil edge."),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &PatchNeedsAField),
     paths(
         super::auth::register, super::auth::login, super::auth::refresh, super::auth::logout, super::auth::me,
         super::content::list, super::content::create, super::content::get, super::content::update, super::content::delete,
