@@ -271,12 +271,15 @@ fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
         .filter(|pair| !pair.is_empty())
 }
 
-/// A request's cookies as `(name, value)`; a pair without `=` is no cookie.
+/// A `name=value` pair as `(name, value)`; a pair without `=` is no cookie.
+fn split_cookie(pair: &[u8]) -> Option<(&[u8], &[u8])> {
+    let eq = pair.iter().position(|b| *b == b'=')?;
+    Some((&pair[..eq], &pair[eq + 1..]))
+}
+
+/// A request's cookies as `(name, value)`.
 pub fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
-    cookie_pairs(headers).filter_map(|pair| {
-        let eq = pair.iter().position(|b| *b == b'=')?;
-        Some((&pair[..eq], &pair[eq + 1..]))
-    })
+    cookie_pairs(headers).filter_map(split_cookie)
 }
 
 /// The request's cookies as one `Cookie` value, without those named in `names`; `None` when
@@ -284,8 +287,9 @@ pub fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
 pub fn cookies_without(headers: &HeaderMap, names: &[String]) -> Option<HeaderValue> {
     let mut kept = Vec::new();
     for pair in cookie_pairs(headers) {
-        let name = pair.iter().position(|b| *b == b'=').map(|eq| &pair[..eq]);
-        if name.is_some_and(|name| names.iter().any(|n| n.as_bytes() == name)) {
+        let named =
+            split_cookie(pair).is_some_and(|(name, _)| names.iter().any(|n| n.as_bytes() == name));
+        if named {
             continue;
         }
         if !kept.is_empty() {

@@ -513,11 +513,10 @@ impl ProxyHttp for Edge {
                 headers.remove(name);
             }
             if !ctx.req.strip_cookies.is_empty() {
-                let kept = crate::pipeline::cookies_without(headers, &ctx.req.strip_cookies);
-                headers.remove(header::COOKIE);
-                if let Some(cookies) = kept {
-                    headers.insert(header::COOKIE, cookies);
-                }
+                match crate::pipeline::cookies_without(headers, &ctx.req.strip_cookies) {
+                    Some(kept) => headers.insert(header::COOKIE, kept),
+                    None => headers.remove(header::COOKIE),
+                };
             }
             for (name, value) in &ctx.req.upstream_headers {
                 headers.insert(name.clone(), value.clone());

@@ -221,7 +221,6 @@ impl std::fmt::Debug for JwtFilter {
     }
 }
 
-/// The JOSE header members the filter reads or refuses.
 /// Where a consumed token is taken out of the request.
 #[derive(Debug)]
 enum Strip {
@@ -231,6 +230,7 @@ enum Strip {
     Cookie(String),
 }
 
+/// The JOSE header members the filter reads or refuses.
 #[derive(Deserialize)]
 struct JoseHeader<'a> {
     #[serde(borrow)]
