@@ -1073,6 +1073,23 @@ async fn cors_preflights_are_answered_at_the_edge_and_responses_compressed_on_re
             .map(|v| v.to_str().unwrap()),
         Some("gzip")
     );
+    // The body is real gzip (flate2's zlib-ng API, answered by zlib-rs: patches/libz-ng-sys).
+    let zipped = zipped.bytes().await.unwrap();
+    let mut unzipped = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&zipped[..]), &mut unzipped)
+        .unwrap();
+    let plain_body: Value = c
+        .get(format!("{}/app/items", edge.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&unzipped).unwrap()["path"],
+        plain_body["path"]
+    );
     let br = c
         .get(format!("{}/app/items", edge.http))
         .header("accept-encoding", "br")
