@@ -90,9 +90,14 @@ pub struct Limits {
     /// Time a client has to send its whole first request header (slowloris guard).
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout_ms: u64,
-    /// Idle time allowed between requests on a kept-alive connection.
+    /// Idle time allowed between requests on a kept-alive connection (HTTP/1.1), and before an
+    /// HTTP/2 connection without open streams is closed.
     #[serde(default = "default_keepalive")]
     pub keepalive_timeout_secs: u64,
+    /// Requests served on one HTTP/1.1 connection before it is closed (nginx's
+    /// `keepalive_requests`): a connection cannot hold its memory for ever.
+    #[serde(default = "default_max_requests_per_connection")]
+    pub max_requests_per_connection: u32,
     /// Longest a request may take end to end.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
@@ -473,6 +478,9 @@ fn default_header_read_timeout() -> u64 {
 fn default_keepalive() -> u64 {
     60
 }
+fn default_max_requests_per_connection() -> u32 {
+    1_000
+}
 fn default_request_timeout() -> u64 {
     60_000
 }
@@ -571,6 +579,7 @@ impl Default for Limits {
             max_headers: default_max_headers(),
             header_read_timeout_ms: default_header_read_timeout(),
             keepalive_timeout_secs: default_keepalive(),
+            max_requests_per_connection: default_max_requests_per_connection(),
             request_timeout_ms: default_request_timeout(),
             max_connections: default_max_connections(),
             max_body_bytes: default_max_body_bytes(),
@@ -739,6 +748,10 @@ impl Config {
             ("limits.keepalive_timeout_secs", l.keepalive_timeout_secs),
             ("limits.request_timeout_ms", l.request_timeout_ms),
             ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_requests_per_connection",
+                u64::from(l.max_requests_per_connection),
+            ),
         ] {
             if v == 0 {
                 errors.push(key, "must be at least 1");

@@ -275,15 +275,20 @@ impl Proxy {
                 },
             )),
         ];
-        // One connection cap for both proxy listeners.
+        // One connection cap for both proxy listeners; the guard reads the limits in force.
         let limits = built.load().config.limits.clone();
-        let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let conf = server.configuration.clone();
         let guarded = |name: &str, edge: server::Edge| {
+            let mut proxy = pingora::proxy::http_proxy(&conf, edge);
+            let mut options = pingora::apps::HttpServerOptions::default();
+            options.keepalive_request_limit = Some(limits.max_requests_per_connection);
+            options.h2_idle_timeout = Some(Duration::from_secs(limits.keepalive_timeout_secs));
+            proxy.server_options = Some(options);
             let app = guard::Guard {
-                inner: Arc::new(pingora::proxy::http_proxy(&conf, edge)),
-                permits: permits.clone(),
-                header_deadline: Duration::from_millis(limits.header_read_timeout_ms),
+                inner: Arc::new(proxy),
+                built: built.clone(),
+                open: open.clone(),
                 metrics: metrics.clone(),
             };
             Listening::new(name.to_owned(), app)

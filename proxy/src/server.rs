@@ -23,6 +23,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::Built;
+use crate::guard::HeaderDeadline;
 use crate::metrics::{Metrics, method_label, status_class};
 use crate::pipeline::{Decision, Rejection, RequestCtx};
 use crate::routing::{RouteEntry, normalize_host};
@@ -74,6 +75,11 @@ impl Edge {
     /// request is answered).
     async fn respond(&self, session: &mut Session, ctx: &mut Ctx, r: Rejection) -> Result<bool> {
         ctx.req.reject(&r);
+        // A body the edge did not read is not drained for the next request: the connection
+        // closes after the answer (as nginx does), and its bytes never pose as a next header.
+        if !session.is_body_done() {
+            session.set_keepalive(None);
+        }
         let body = Bytes::from(r.body(&ctx.req.request_id));
         answer(session, ctx, r.status, &r.headers, Some(body)).await
     }
@@ -291,6 +297,10 @@ impl ProxyHttp for Edge {
     /// `new_ctx` runs once the request head is read: `ctx.started` and the config snapshot
     /// `ctx.built` are already this request's.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // The header is parsed: its deadline stops (HTTP/1.1; h2 connections track their own).
+        if let Some(guard) = HeaderDeadline::of(session.stream()) {
+            guard.mark_header_read();
+        }
         self.metrics.requests_in_flight.inc();
         ctx.in_flight = true;
         let built = ctx.built.clone();
@@ -674,6 +684,10 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        // The next request on this connection gets its own header deadline.
+        if let Some(guard) = HeaderDeadline::of(session.stream()) {
+            guard.mark_idle();
+        }
         if ctx.in_flight {
             self.metrics.requests_in_flight.dec();
         }

@@ -914,38 +914,302 @@ async fn read_until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Re
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_header_is_cut_off_while_others_are_served() {
+/// Sends `first`, then `drip` one byte at a time, 200 ms apart, until the edge closes.
+async fn trickle(s: &mut tokio::net::TcpStream, first: &[u8], drip: &[u8]) {
     use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let edge = Edge::start(GUARDED, upstream().await, dir.path(), false).await;
-    let addr = edge.http.trim_start_matches("http://").to_owned();
-    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    slow.write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    let started = std::time::Instant::now();
-    let trickle = async {
-        // One header line every 300 ms: each read is recent, the header never completes.
-        for i in 0..20 {
-            if slow
-                .write_all(format!("x-drip-{i}: 1\r\n").as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
+    if s.write_all(first).await.is_err() {
+        return;
+    }
+    for b in drip.iter().cycle().take(100) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if s.write_all(std::slice::from_ref(b)).await.is_err() {
+            return;
         }
+    }
+}
+
+/// A TLS connection to `addr` that offers only h2 and then says nothing.
+async fn silent_h2(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls
+}
+
+/// Whether the peer closes `s` within `limit` (what it sends first, such as h2's SETTINGS, is
+/// read and dropped).
+async fn closes(s: &mut (impl tokio::io::AsyncRead + Unpin), limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A client that trusts `dir/edge.crt` and offers only h2.
+fn h2_connector(dir: &Path) -> tokio_rustls::TlsConnector {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(dir.join("edge.crt")).unwrap();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Waits (bounded) until `series` reads `want`; the last value read.
+async fn metric_soon(edge: &Edge, series: &str, want: f64, limit: Duration) -> f64 {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let v = edge.metric(series);
+        if v == want || std::time::Instant::now() > until {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+const SLOW: &str = r#"
+[limits]
+header_read_timeout_ms = 1500
+keepalive_timeout_secs = 30
+
+[upstreams.echo]
+addrs = ["{upstream}"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off_on_every_request_and_protocol() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(dir.path(), "edge", &["localhost"]);
+    let certs = format!(
+        "certs = [{{ cert_path = \"{d}/edge.crt\", key_path = \"{d}/edge.key\" }}]\n",
+        d = dir.path().display()
+    );
+    let setup = Setup {
+        tls: Some(&certs),
+        ..Setup::default()
     };
+    let edge = Edge::start_with(setup, SLOW, upstream().await, dir.path()).await;
+    let addr = edge.http.trim_start_matches("http://").to_owned();
+    let deadline = Duration::from_millis(1500);
+    // Each client is cut off after the deadline and well before its trickle would end (20 s).
+    let cut_off = |what: &'static str, started: std::time::Instant| {
+        let took = started.elapsed();
+        assert!(
+            took >= deadline - Duration::from_millis(100) && took < deadline * 3,
+            "{what}: closed after {took:?}"
+        );
+    };
+
+    // 1. A header that trickles in, line by line.
+    let started = std::time::Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let normal = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let r = reqwest::get(format!("{}/api/ok", edge.http)).await.unwrap();
         assert_eq!(r.status(), 200, "a normal client is served meanwhile");
     };
-    tokio::join!(trickle, normal);
-    let cut = read_until_closed(&mut slow, Duration::from_secs(5)).await;
-    assert!(cut.is_ok(), "the slow client was not cut off");
-    assert!(started.elapsed() < Duration::from_secs(7));
+    tokio::join!(
+        trickle(
+            &mut slow,
+            b"GET /api/x HTTP/1.1\r\nHost: x\r\n",
+            b"x-drip: 1\r\n"
+        ),
+        normal
+    );
+    cut_off("a dripping header", started);
+
+    // 2. Empty lines first (the parser skips them), then one byte at a time.
+    let started = std::time::Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickle(&mut slow, b"\r\n\r\n", b"GET /api/x HTTP/1.1\r\n").await;
+    cut_off("empty lines, then a dripping request line", started);
+
+    // 3. A kept-alive connection's second request.
+    let mut kept = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /api/first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("/api/first\"") {
+        let n = kept.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the first request is answered");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // Idle between requests is the keep-alive's (30 s), not the header deadline's.
+    tokio::time::sleep(deadline + Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    trickle(&mut kept, b"G", b"ET /api/second HTTP/1.1\r\n").await;
+    cut_off("a kept-alive connection's second header", started);
+
+    // 4. A header that grows past twice max_header_bytes is cut off at once, not at the deadline.
+    let started = std::time::Instant::now();
+    let mut flood = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = flood.write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\n").await;
+    let line = format!("x-pad: {}\r\n", "a".repeat(1000));
+    for _ in 0..40 {
+        if flood.write_all(line.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let closed = read_until_closed(&mut flood, deadline * 3).await;
+    assert!(closed.is_ok_and(|b| b.is_empty()), "the flood is closed");
+    assert!(
+        started.elapsed() < deadline - Duration::from_millis(500),
+        "closed by the byte budget after {:?}",
+        started.elapsed()
+    );
+
+    // 5. HTTP/2: a TLS handshake with ALPN h2, then silence.
+    let https = edge.https.unwrap();
+    let connector = h2_connector(dir.path());
+    let started = std::time::Instant::now();
+    let mut quiet = silent_h2(&connector, https).await;
+    assert!(
+        closes(&mut quiet, deadline * 3).await,
+        "the silent h2 connection is closed"
+    );
+    cut_off("a silent h2 connection", started);
+    assert_eq!(
+        metric_soon(&edge, "vigil_proxy_connections_active", 0.0, deadline).await,
+        0.0
+    );
+}
+
+const H2_IDLE: &str = r#"
+[limits]
+header_read_timeout_ms = 3000
+keepalive_timeout_secs = 1
+max_connections = 2000
+
+[upstreams.echo]
+addrs = ["{upstream}"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2_connections_are_closed_and_their_places_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let trust = write_cert(dir.path(), "edge", &["localhost"]);
+    let certs = format!(
+        "certs = [{{ cert_path = \"{d}/edge.crt\", key_path = \"{d}/edge.key\" }}]\n",
+        d = dir.path().display()
+    );
+    let setup = Setup {
+        tls: Some(&certs),
+        ..Setup::default()
+    };
+    let edge = Edge::start_with(setup, H2_IDLE, upstream().await, dir.path()).await;
+    let https = edge.https.unwrap();
+    assert_eq!(
+        metric_soon(
+            &edge,
+            "vigil_proxy_connections_active",
+            0.0,
+            Duration::from_secs(5)
+        )
+        .await,
+        0.0
+    );
+
+    // A client that made one request and went idle: the h2 idle timeout closes it.
+    let client = reqwest::Client::builder()
+        .add_root_certificate(trust)
+        .resolve("localhost", https)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/api/x", https.port());
+    let r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(
+        metric_soon(
+            &edge,
+            "vigil_proxy_connections_active",
+            0.0,
+            Duration::from_secs(5)
+        )
+        .await,
+        0.0,
+        "closed by the h2 idle timeout (1 s)"
+    );
+
+    // 2 000 connections that never send a frame fill the cap...
+    let connector = h2_connector(dir.path());
+    let mut quiet = Vec::new();
+    for _ in 0..20 {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            let connector = connector.clone();
+            batch.spawn(async move { silent_h2(&connector, https).await });
+        }
+        quiet.extend(batch.join_all().await);
+    }
+    assert_eq!(
+        metric_soon(
+            &edge,
+            "vigil_proxy_connections_active",
+            2000.0,
+            Duration::from_secs(10)
+        )
+        .await,
+        2000.0
+    );
+    let refused = reqwest::Client::builder()
+        .add_root_certificate(write_cert(dir.path(), "unused", &["x.test"]))
+        .build()
+        .unwrap()
+        .get(format!("https://127.0.0.1:{}/api/x", https.port()))
+        .send()
+        .await;
+    assert!(refused.is_err(), "the cap is full");
+    // ...and are all closed by the deadline; their places come back.
+    assert_eq!(
+        metric_soon(
+            &edge,
+            "vigil_proxy_connections_active",
+            0.0,
+            Duration::from_secs(20)
+        )
+        .await,
+        0.0
+    );
+    for conn in &mut quiet {
+        assert!(
+            closes(conn, Duration::from_secs(5)).await,
+            "closed by the edge"
+        );
+    }
+    let r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a new client is served again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1076,8 +1340,11 @@ async fn cors_preflights_are_answered_at_the_edge_and_responses_compressed_on_re
     // The body is real gzip (flate2's zlib-ng API, answered by zlib-rs: patches/libz-ng-sys).
     let zipped = zipped.bytes().await.unwrap();
     let mut unzipped = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&zipped[..]), &mut unzipped)
-        .unwrap();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&zipped[..]),
+        &mut unzipped,
+    )
+    .unwrap();
     let plain_body: Value = c
         .get(format!("{}/app/items", edge.http))
         .send()

@@ -114,7 +114,13 @@ pub const Z_DEFLATED: c_int = 8;
 mod tests {
     #[test]
     fn the_stream_has_zlib_rs_layout() {
-        assert_eq!(size_of::<super::z_stream>(), size_of::<libz_rs_sys::z_stream>());
-        assert_eq!(align_of::<super::z_stream>(), align_of::<libz_rs_sys::z_stream>());
+        assert_eq!(
+            size_of::<super::z_stream>(),
+            size_of::<libz_rs_sys::z_stream>()
+        );
+        assert_eq!(
+            align_of::<super::z_stream>(),
+            align_of::<libz_rs_sys::z_stream>()
+        );
     }
 }
