@@ -52,6 +52,10 @@ pub struct Listen {
     /// Peers whose `X-Forwarded-For` is believed; everyone else's is replaced.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// The header trusted proxies name the client in: `x-forwarded-for` or `forwarded`
+    /// (RFC 7239). Either way the upstream gets `X-Forwarded-For`.
+    #[serde(default)]
+    pub forwarded_header: crate::forwarded::ForwardedHeader,
 }
 
 /// `[tls]`
@@ -387,6 +391,21 @@ pub struct Route {
     /// gzip/brotli/zstd level (1 to 9) for responses the client accepts compressed; absent: off.
     #[serde(default)]
     pub compression_level: Option<u32>,
+    /// A path with an encoded `/`, `\` or NUL (`%2F`, `%5C`, `%00`) or a raw `\`: `reject`
+    /// (400) or `keep` (routed and sent upstream still encoded).
+    #[serde(default)]
+    pub encoded_separators: EncodedSeparators,
+}
+
+/// What a route does with a path that holds an encoded separator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodedSeparators {
+    /// 400: upstreams disagree on what `%2F` means.
+    #[default]
+    Reject,
+    /// Route and forward it as it is (still encoded).
+    Keep,
 }
 
 /// `[routes.cors]`
@@ -559,6 +578,7 @@ impl Default for Listen {
             http_redirect: true,
             admin: default_admin(),
             trusted_proxies: Vec::new(),
+            forwarded_header: Default::default(),
         }
     }
 }

@@ -14,9 +14,11 @@ pub mod admin;
 pub mod config;
 pub mod cors;
 pub mod filters;
+pub mod forwarded;
 pub mod guard;
 pub mod keys;
 pub mod metrics;
+pub mod path;
 pub mod pipeline;
 pub mod redirect;
 pub mod reload;
@@ -137,6 +139,7 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
             hsts,
             cors: r.cors.clone(),
             compression_level: r.compression_level,
+            encoded_separators: r.encoded_separators,
             pipeline: Pipeline::new(
                 r.filters
                     .iter()

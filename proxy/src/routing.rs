@@ -28,6 +28,8 @@ pub struct RouteEntry {
     pub cors: Option<crate::config::Cors>,
     /// Response compression level, if on.
     pub compression_level: Option<u32>,
+    /// Whether a path with an encoded separator is refused.
+    pub encoded_separators: crate::config::EncodedSeparators,
     /// The route's request metrics.
     pub metrics: crate::metrics::RouteMetrics,
 }
@@ -158,6 +160,7 @@ mod tests {
             hsts: None,
             cors: None,
             compression_level: None,
+            encoded_separators: Default::default(),
             metrics: crate::metrics::RouteMetrics::new(&crate::metrics::Metrics::new(), name, "u"),
         }
     }

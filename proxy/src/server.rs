@@ -57,12 +57,31 @@ pub struct Ctx {
     in_flight: bool,
     /// `req.client_ip` as text (for `X-Forwarded-For` and the access log), made once.
     client_ip_text: String,
+    /// The socket peer, when it is a trusted proxy, and the trusted proxies between it and the
+    /// client: with the client, the `X-Forwarded-For` the upstream gets.
+    forwarded_via: Option<(IpAddr, Vec<IpAddr>)>,
     /// `req.request_id` as a header value (upstream and response), made once.
     request_id: HeaderValue,
 }
 
-/// Headers a client may not set: the proxy speaks for the caller's identity.
-const IDENTITY_PREFIX: &str = "x-vigil-";
+/// Whether a client's header `name` (lower case) is one the edge sets or speaks for: the
+/// caller's identity (`x-vigil-*`), the forwarding headers and the request id. `_` counts as
+/// `-`, since CGI-style upstreams read `x_vigil_subject` as `HTTP_X_VIGIL_SUBJECT` too.
+fn edge_owned(name: &str) -> bool {
+    let same = |a: &[u8], b: &[u8]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
+    };
+    let n = name.as_bytes();
+    let starts = |p: &[u8]| n.len() >= p.len() && same(&n[..p.len()], p);
+    starts(b"x-vigil-")
+        || starts(b"x-forwarded-")
+        || same(n, b"x-real-ip")
+        || same(n, b"forwarded")
+        || same(n, b"x-request-id")
+}
 
 // Header names looked up on every request, parsed once.
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -191,24 +210,6 @@ async fn answer(
     Ok(true)
 }
 
-/// The client address: the socket peer, or, when the peer is a trusted proxy, the rightmost
-/// `X-Forwarded-For` entry that is not itself a trusted proxy.
-pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: impl Fn(IpAddr) -> bool) -> IpAddr {
-    if !trusted(peer) {
-        return peer;
-    }
-    let Some(xff) = xff else { return peer };
-    let mut last = peer;
-    for hop in xff.rsplit(',') {
-        match hop.trim().parse::<IpAddr>() {
-            Ok(ip) if trusted(ip) => last = ip,
-            Ok(ip) => return ip,
-            Err(_) => return last,
-        }
-    }
-    last
-}
-
 /// A request id unique in this process and, with its random per-process prefix, across
 /// instances: 32 hex characters, no system call (a UUID v4 would ask the kernel for randomness on
 /// every request).
@@ -290,6 +291,7 @@ impl ProxyHttp for Edge {
             body_bytes: 0,
             in_flight: false,
             client_ip_text: String::new(),
+            forwarded_via: None,
             request_id: HeaderValue::from_static(""),
         }
     }
@@ -313,12 +315,15 @@ impl ProxyHttp for Edge {
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
         let peer_trusted = self.trusted(&built, peer);
         let req = session.req_header();
-        let xff = req
-            .headers
-            .get(&X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok());
-        ctx.req.client_ip = client_ip(peer, xff, |ip| self.trusted(&built, ip));
+        let chain = crate::forwarded::client(
+            peer,
+            &req.headers,
+            built.config.listen.forwarded_header,
+            |ip| self.trusted(&built, ip),
+        );
+        ctx.req.client_ip = chain.client;
         ctx.client_ip_text = ip_text(ctx.req.client_ip);
+        ctx.forwarded_via = peer_trusted.then_some((peer, chain.proxies));
         ctx.req.request_id = req
             .headers
             .get(&X_REQUEST_ID)
@@ -339,6 +344,44 @@ impl ProxyHttp for Edge {
             );
             return self.respond(session, ctx, r).await;
         }
+        // The one path routing, filters, the log and the upstream see.
+        let Ok(path) = crate::path::normalize(req.uri.path()) else {
+            let r = Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "protocol",
+                "invalid_path",
+                "the request path has a broken percent-escape",
+            );
+            return self.respond(session, ctx, r).await;
+        };
+        let encoded_separator = path.encoded_separator;
+        if let std::borrow::Cow::Owned(path) = path.path {
+            let up = session.req_header_mut();
+            let target = match up.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = up.uri.clone().into_parts();
+            let rewritten = http::uri::PathAndQuery::try_from(target)
+                .ok()
+                .and_then(|pq| {
+                    parts.path_and_query = Some(pq);
+                    http::Uri::from_parts(parts).ok()
+                });
+            match rewritten {
+                Some(uri) => up.set_uri(uri),
+                None => {
+                    let r = Rejection::new(
+                        StatusCode::BAD_REQUEST,
+                        "protocol",
+                        "invalid_path",
+                        "the request path cannot be normalised",
+                    );
+                    return self.respond(session, ctx, r).await;
+                }
+            }
+        }
+        let req = session.req_header();
         if req.headers.len() > limits.max_headers || header_size(req) > limits.max_header_bytes {
             let r = Rejection::new(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -362,6 +405,16 @@ impl ProxyHttp for Edge {
             return self.respond(session, ctx, r).await;
         };
         ctx.route = Some(route.clone());
+        if encoded_separator && route.encoded_separators == crate::config::EncodedSeparators::Reject
+        {
+            let r = Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "protocol",
+                "encoded_separator",
+                "the request path holds an encoded /, \\ or NUL, which this route refuses",
+            );
+            return self.respond(session, ctx, r).await;
+        }
         let declared = req
             .headers
             .get(header::CONTENT_LENGTH)
@@ -482,32 +535,31 @@ impl ProxyHttp for Edge {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         let extra = 4 + ctx.req.upstream_headers.len();
         edit_request(up, extra, |headers| {
-            let identity: Vec<_> = headers
+            // Headers the edge speaks for are the edge's alone, in any spelling.
+            let owned: Vec<_> = headers
                 .keys()
-                .filter(|k| k.as_str().starts_with(IDENTITY_PREFIX))
+                .filter(|k| edge_owned(k.as_str()))
                 .cloned()
                 .collect();
-            for name in identity {
+            for name in owned {
                 headers.remove(name);
             }
-            let forwarded_for = match (
-                peer,
-                headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
-            ) {
-                (Some(p), Some(prior)) if self.trusted(&ctx.built, p) => {
-                    header_value(format!("{prior}, {p}"))?
+            let forwarded_for = match &ctx.forwarded_via {
+                Some((peer, proxies)) => {
+                    let mut list = ctx.client_ip_text.clone();
+                    for hop in proxies.iter().chain([peer]) {
+                        list.push_str(", ");
+                        list.push_str(&ip_text(*hop));
+                    }
+                    header_value(list)?
                 }
-                _ => header_value(ctx.client_ip_text.as_str())?,
+                None => header_value(ctx.client_ip_text.as_str())?,
             };
             headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
             headers.insert(
@@ -517,7 +569,6 @@ impl ProxyHttp for Edge {
             if let Some(host) = &ctx.host {
                 headers.insert(X_FORWARDED_HOST.clone(), header_value(host.as_str())?);
             }
-            headers.remove(header::FORWARDED);
             headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
             for name in &ctx.req.strip_headers {
                 headers.remove(name);
@@ -800,40 +851,32 @@ fn body_too_large() -> Rejection {
 mod tests {
     use super::*;
 
-    fn trusted(ip: IpAddr) -> bool {
-        ip.to_string().starts_with("10.")
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
     #[test]
-    fn xff_is_believed_only_from_trusted_peers() {
-        assert_eq!(
-            client_ip(ip("192.0.2.7"), Some("1.2.3.4"), trusted),
-            ip("192.0.2.7"),
-            "untrusted peer: its own address"
-        );
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), Some("1.2.3.4"), trusted),
-            ip("1.2.3.4")
-        );
-        assert_eq!(client_ip(ip("10.0.0.1"), None, trusted), ip("10.0.0.1"));
-        // The rightmost untrusted hop: the client cannot prepend its way past the trusted chain.
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), Some("6.6.6.6, 1.2.3.4, 10.0.0.9"), trusted),
-            ip("1.2.3.4")
-        );
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), Some("10.0.0.8, 10.0.0.9"), trusted),
-            ip("10.0.0.8")
-        );
-        // Garbage stops the walk at the last trusted hop.
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), Some("bogus, 10.0.0.9"), trusted),
-            ip("10.0.0.9")
-        );
+    fn the_headers_the_edge_speaks_for_are_known_in_any_spelling() {
+        for name in [
+            "x-vigil-subject",
+            "x_vigil_subject",
+            "x-vigil_role",
+            "x-forwarded-for",
+            "x_forwarded_for",
+            "x-forwarded-host",
+            "x_real_ip",
+            "x-real-ip",
+            "forwarded",
+            "x-request-id",
+            "x_request_id",
+        ] {
+            assert!(edge_owned(name), "{name}");
+        }
+        for name in [
+            "x-vigilant",
+            "accept",
+            "x-forwarded",
+            "x-request-ids",
+            "forwarded-x",
+        ] {
+            assert!(!edge_owned(name), "{name}");
+        }
     }
 
     #[test]

@@ -72,7 +72,11 @@ async fn upstream() -> SocketAddr {
                 .iter()
                 .map(|(k, v)| (k.as_str().to_owned(), Value::from(v.to_str().unwrap_or(""))))
                 .collect();
-            axum::Json(serde_json::json!({"path": req.uri().path(), "headers": headers}))
+            axum::Json(serde_json::json!({
+                "path": req.uri().path(),
+                "query": req.uri().query(),
+                "headers": headers,
+            }))
         });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -851,8 +855,8 @@ upstream = "sick"
     let (status, headers, body) = json(r).await;
     assert_eq!(status, 200);
     assert_eq!(
-        body["headers"]["x-forwarded-for"], "6.6.6.6, 198.51.100.7, 127.0.0.1",
-        "the chain is extended"
+        body["headers"]["x-forwarded-for"], "198.51.100.7, 127.0.0.1",
+        "the corrected chain: the client, then the proxies that vouch for it"
     );
     assert_eq!(
         headers.get("x-request-id").unwrap(),
@@ -883,6 +887,241 @@ upstream = "sick"
         ready.json::<Value>().await.unwrap()["upstreams_without_healthy_peers"][0],
         "sick"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_address_is_decided_once_from_every_forwarded_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+[filters.no_docs]
+kind = "ip"
+deny = ["192.0.2.0/24"]
+[filters.partners]
+kind = "ip"
+allow = ["127.0.0.0/8", "198.51.100.0/24", "2001:db8::/32"]
+[[routes]]
+name = "deny"
+path_prefix = "/deny/"
+upstream = "echo"
+filters = ["no_docs"]
+[[routes]]
+name = "allow"
+path_prefix = "/allow/"
+upstream = "echo"
+filters = ["partners"]
+"#;
+    // The test client is the balancer (127.0.0.1, trusted); each case is the header lines it
+    // forwards, the client the edge must decide on, and the list the upstream must get.
+    let edge = Edge::start_trusting(toml, upstream().await, dir.path(), "127.0.0.0/8").await;
+    let c = reqwest::Client::new();
+    for (lines, client, denied, allowed) in [
+        // A client's own line in front of the balancer's does not choose the address.
+        (
+            &[&b"192.0.2.9"[..], b"198.51.100.7"][..],
+            "198.51.100.7",
+            false,
+            true,
+        ),
+        (&[b"198.51.100.7", b"192.0.2.9"], "192.0.2.9", true, false),
+        (&[b"198.51.100.7, 192.0.2.9"], "192.0.2.9", true, false),
+        // Garbage or a non-ASCII byte is an unknown client, not the balancer.
+        (&[b"198.51.100.7, \xff"], "0.0.0.0", false, false),
+        (&[b"bogus"], "0.0.0.0", false, false),
+        // Hops as balancers write them.
+        (&[b"192.0.2.9:4711"], "192.0.2.9", true, false),
+        (&[b"[2001:db8::1]:443"], "2001:db8::1", false, true),
+    ] {
+        let send = |route: &str| {
+            let mut r = c.get(format!("{}/{route}/x", edge.http));
+            for l in lines {
+                r = r.header(
+                    "x-forwarded-for",
+                    reqwest::header::HeaderValue::from_bytes(l).unwrap(),
+                );
+            }
+            r.send()
+        };
+        let (status, _, body) = json(send("deny").await.unwrap()).await;
+        assert_eq!(status, if denied { 403 } else { 200 }, "{lines:?}");
+        let (status, _, body2) = json(send("allow").await.unwrap()).await;
+        assert_eq!(status, if allowed { 200 } else { 403 }, "{lines:?}");
+        let seen = if denied { body2 } else { body };
+        if !seen.is_null() && seen.get("headers").is_some() {
+            assert_eq!(
+                seen["headers"]["x-forwarded-for"],
+                format!("{client}, 127.0.0.1"),
+                "{lines:?}"
+            );
+        }
+        let line = edge
+            .log_line(|l| l["route"] == "allow" && l["client_ip"] == client)
+            .await;
+        assert_eq!(line["client_ip"], client, "the log names the same client");
+    }
+}
+
+/// Sends `target` as the raw request target over HTTP/1.1; the status and the JSON body.
+async fn raw_get(addr: &str, target: &str) -> (u16, Value) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let got = read_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_and_the_upstream_see_the_same_normalised_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+[filters.deny_local]
+kind = "ip"
+deny = ["127.0.0.0/8"]
+[[routes]]
+name = "admin"
+path_prefix = "/admin/"
+upstream = "echo"
+filters = ["deny_local"]
+[[routes]]
+name = "files"
+path_prefix = "/files/"
+upstream = "echo"
+encoded_separators = "keep"
+[[routes]]
+name = "public"
+path_prefix = "/"
+upstream = "echo"
+"#;
+    let edge = Edge::start(toml, upstream().await, dir.path(), false).await;
+    let addr = edge.http.trim_start_matches("http://").to_owned();
+    // target → the route's answer, and the path (and query) the upstream was sent.
+    for (target, status, path, query) in [
+        ("/public/x", 200, "/public/x", None),
+        ("/%61dmin/x", 403, "", None),
+        ("/public/../admin/x", 403, "", None),
+        ("/public/%2e%2E/admin/x", 403, "", None),
+        ("//admin/x", 403, "", None),
+        ("/./admin/x", 403, "", None),
+        (
+            "/public//a/./b/../c?q=%2e&r",
+            200,
+            "/public/a/c",
+            Some("q=%2e&r"),
+        ),
+        ("/%7Euser/%41%62", 200, "/~user/Ab", None),
+        ("/public/a%2Fb", 400, "", None),
+        ("/public/a%5cb", 400, "", None),
+        ("/public/a%00b", 400, "", None),
+        ("/public/a%zz", 400, "", None),
+        ("/files/a%2fb", 200, "/files/a%2Fb", None),
+        ("/files/../admin/x", 403, "", None),
+        ("http://x/%61dmin/x", 403, "", None),
+        ("http://x/public/../y", 200, "/y", None),
+    ] {
+        let (got, body) = raw_get(&addr, target).await;
+        assert_eq!(got, status, "{target}: {body}");
+        if status == 200 {
+            assert_eq!(body["path"], path, "{target}");
+            assert_eq!(body["query"], serde_json::json!(query), "{target}");
+        }
+        if status == 400 {
+            assert_eq!(body["stage"], "protocol", "{target}");
+        }
+    }
+    let line = edge.log_line(|l| l["path"] == "/public/a/c").await;
+    assert_eq!(line["route"], "public", "the log shows the normalised path");
+    // HTTP/2 (TLS) targets are normalised the same way.
+    let https = edge.https.unwrap();
+    let h2 = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("https://127.0.0.1:{}/%61dmin/x", https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_headers_cannot_be_smuggled_in_another_spelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+"#;
+    let edge = Edge::start(toml, upstream().await, dir.path(), false).await;
+    let https = edge.https.unwrap();
+    let h1 = reqwest::Client::new();
+    let h2 = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    for (client, url, version) in [
+        (
+            &h1,
+            format!("{}/api/x", edge.http),
+            reqwest::Version::HTTP_11,
+        ),
+        (
+            &h2,
+            format!("https://127.0.0.1:{}/api/x", https.port()),
+            reqwest::Version::HTTP_2,
+        ),
+    ] {
+        let r = client
+            .get(&url)
+            .header("x-vigil-subject", "mallory")
+            .header("x_vigil_subject", "mallory")
+            .header("x_vigil_role", "admin")
+            .header("x_forwarded_for", "6.6.6.6")
+            .header("x_forwarded_host", "evil.example")
+            .header("x-real-ip", "6.6.6.6")
+            .header("x_real_ip", "6.6.6.6")
+            .header("forwarded", "for=6.6.6.6")
+            .header("x_request_id", "chosen-by-client")
+            .header("x-request-id", "chosen-by-client")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), version);
+        let (status, headers, body) = json(r).await;
+        assert_eq!(status, 200);
+        let sent = body["headers"].as_object().unwrap();
+        for name in sent.keys() {
+            assert!(
+                !name.starts_with("x_")
+                    && !name.starts_with("x-vigil")
+                    && name != "forwarded"
+                    && name != "x-real-ip",
+                "{version:?}: {name} reached the upstream"
+            );
+        }
+        assert_eq!(sent["x-forwarded-for"], "127.0.0.1", "{version:?}");
+        assert_ne!(sent["x-request-id"], "chosen-by-client");
+        assert_eq!(
+            sent["x-request-id"],
+            headers["x-request-id"].to_str().unwrap()
+        );
+    }
 }
 
 const GUARDED: &str = r#"
