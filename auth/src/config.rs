@@ -71,9 +71,14 @@ pub struct Tokens {
     /// Lifetime of an access token.
     #[serde(default = "default_access_ttl")]
     pub access_ttl_secs: u64,
-    /// Lifetime of a refresh token; every refresh issues a new one with a fresh lifetime.
+    /// Lifetime of a refresh token; every refresh issues a new one with a fresh lifetime, capped
+    /// at the session's absolute end.
     #[serde(default = "default_refresh_ttl")]
     pub refresh_ttl_secs: u64,
+    /// Absolute lifetime of a session (one login): its end is fixed at login, refreshes never move
+    /// it, and no refresh token outlives it; after it, only a new login gives tokens.
+    #[serde(default = "default_session_max_lifetime")]
+    pub session_max_lifetime_secs: u64,
     /// The signing key set (current and previous Ed25519 key), generated on first start.
     #[serde(default = "default_keys_path")]
     pub keys_path: PathBuf,
@@ -112,6 +117,9 @@ fn default_access_ttl() -> u64 {
 fn default_refresh_ttl() -> u64 {
     7 * 24 * 3600
 }
+fn default_session_max_lifetime() -> u64 {
+    30 * 24 * 3600
+}
 fn default_keys_path() -> PathBuf {
     PathBuf::from("data/keys/signing.json")
 }
@@ -149,6 +157,7 @@ impl Default for Tokens {
             audience: default_audience(),
             access_ttl_secs: default_access_ttl(),
             refresh_ttl_secs: default_refresh_ttl(),
+            session_max_lifetime_secs: default_session_max_lifetime(),
             keys_path: default_keys_path(),
             keys_reload_secs: default_keys_reload(),
         }
@@ -256,6 +265,9 @@ impl Config {
                 "must not be shorter than tokens.access_ttl_secs",
             );
         }
+        if self.tokens.session_max_lifetime_secs == 0 {
+            bad("tokens.session_max_lifetime_secs", "must be at least 1");
+        }
         if self.tokens.keys_reload_secs == 0 {
             bad("tokens.keys_reload_secs", "must be at least 1");
         }
@@ -313,7 +325,40 @@ mod tests {
         let c = Config::parse("", "auth.toml").unwrap();
         assert_eq!(c.listen.api.port(), 3000);
         assert_eq!(c.tokens.access_ttl_secs, 900);
+        assert_eq!(c.tokens.session_max_lifetime_secs, 30 * 24 * 3600);
         assert_eq!(c.database_url(), DEFAULT_DATABASE_URL);
+    }
+
+    #[test]
+    fn the_shipped_file_is_valid_and_says_the_defaults() {
+        let shipped = include_str!("../../config/auth.toml");
+        let c = Config::parse(shipped, "config/auth.toml").unwrap();
+        let d = Config::default();
+        assert_eq!(format!("{:?}", c.listen), format!("{:?}", d.listen));
+        assert_eq!(format!("{:?}", c.tokens), format!("{:?}", d.tokens));
+        assert_eq!(format!("{:?}", c.limits), format!("{:?}", d.limits));
+        assert_eq!(c.database_url(), DEFAULT_DATABASE_URL);
+        assert_eq!(c.database.max_connections, d.database.max_connections);
+    }
+
+    #[test]
+    fn session_max_lifetime_must_be_positive() {
+        let err = Config::parse("[tokens]\nsession_max_lifetime_secs = 0\n", "auth.toml")
+            .unwrap_err()
+            .errors;
+        assert_eq!(
+            err,
+            ["auth.toml: tokens.session_max_lifetime_secs: must be at least 1"]
+        );
+        let err = Config::parse("[tokens]\nsession_max_lifetime_secs = -1\n", "auth.toml")
+            .unwrap_err()
+            .errors;
+        assert!(
+            err[0].starts_with("auth.toml: tokens.session_max_lifetime_secs: "),
+            "{err:?}"
+        );
+        let c = Config::parse("[tokens]\nsession_max_lifetime_secs = 3600\n", "auth.toml").unwrap();
+        assert_eq!(c.tokens.session_max_lifetime_secs, 3600);
     }
 
     #[test]

@@ -137,10 +137,13 @@ pub enum Refresh {
         session_id: String,
         /// Its user.
         user: Box<User>,
+        /// When the new token expires (unix ms): the asked-for expiry, capped at the session's
+        /// absolute end.
+        expires_at: i64,
     },
     /// The token had been rotated already: the whole family is now revoked.
     ReuseDetected,
-    /// Unknown, expired or revoked.
+    /// Unknown, expired (the token, or the session past its absolute end) or revoked.
     Invalid,
 }
 
@@ -243,17 +246,49 @@ pub async fn list_users(db: &Db, limit: i64, after: Option<&Cursor>) -> sqlx::Re
         .await
 }
 
+/// What a change that may take a user out of the admin set led to.
+#[derive(Debug)]
+pub enum Guarded<T> {
+    /// Done.
+    Done(T),
+    /// No such user.
+    NotFound,
+    /// Refused: the user is the last enabled admin.
+    LastAdmin,
+}
+
+/// The last-admin check, part of every `UPDATE`/`DELETE` that may take the user with id `$1` out
+/// of the enabled admins: the row qualifies only if it is no enabled admin or another one exists.
+const KEEPS_AN_ADMIN: &str = "(role <> 'admin' OR disabled_at IS NOT NULL OR EXISTS \
+     (SELECT 1 FROM users other WHERE other.role = 'admin' AND other.disabled_at IS NULL AND other.id <> $1))";
+
+/// The first statement of a transaction that may remove an admin: a no-op write to every enabled
+/// admin's row. On SQLite it takes the write lock up front; on PostgreSQL it takes those rows'
+/// locks, so two such transactions run one after the other. Without it, READ COMMITTED lets two
+/// cross-demotions both pass [`KEEPS_AN_ADMIN`], each reading the other's row from before the
+/// other's uncommitted change (write skew); with it, the second waits, and its guarded statement
+/// (a new statement, so a new snapshot) sees the first one's outcome.
+const LOCK_ADMINS: &str =
+    "UPDATE users SET updated_at = updated_at WHERE role = 'admin' AND disabled_at IS NULL";
+
 /// Sets a user's role and disabled state; disabling revokes every session of the user.
+///
+/// Refused ([`Guarded::LastAdmin`]) when it would leave no enabled admin: the check is part of
+/// the `UPDATE` itself, never a separate read before it.
 pub async fn update_user(
     db: &Db,
     id: &str,
     role: Role,
     disabled_at: Option<i64>,
     now: i64,
-) -> sqlx::Result<Option<User>> {
+) -> sqlx::Result<Guarded<User>> {
     let mut tx = db.pool.begin().await?;
+    if role != Role::Admin || disabled_at.is_some() {
+        sqlx::query(LOCK_ADMINS).execute(&mut *tx).await?;
+    }
     let sql = format!(
-        "UPDATE users SET role = $2, disabled_at = $3, updated_at = $4 WHERE id = $1 RETURNING {USER_COLUMNS}"
+        "UPDATE users SET role = $2, disabled_at = $3, updated_at = $4 WHERE id = $1 \
+         AND (($2 = 'admin' AND $3 IS NULL) OR {KEEPS_AN_ADMIN}) RETURNING {USER_COLUMNS}"
     );
     let user: Option<User> = sqlx::query_as(&sql)
         .bind(id)
@@ -262,6 +297,9 @@ pub async fn update_user(
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
+    let Some(user) = user else {
+        return refused(&mut tx, id).await;
+    };
     if disabled_at.is_some() {
         sqlx::query(
             "UPDATE sessions SET revoked_at = $2, revoked_reason = 'user_disabled' WHERE user_id = $1 AND revoked_at IS NULL",
@@ -272,35 +310,67 @@ pub async fn update_user(
         .await?;
     }
     tx.commit().await?;
-    Ok(user)
+    Ok(Guarded::Done(user))
 }
 
-/// Deletes a user with their sessions and content; whether the user existed.
-pub async fn delete_user(db: &Db, id: &str) -> sqlx::Result<bool> {
-    let done = sqlx::query("DELETE FROM users WHERE id = $1")
+/// Deletes a user with their sessions and content, unless they are the last enabled admin.
+pub async fn delete_user(db: &Db, id: &str) -> sqlx::Result<Guarded<()>> {
+    let mut tx = db.pool.begin().await?;
+    sqlx::query(LOCK_ADMINS).execute(&mut *tx).await?;
+    let done = sqlx::query(&format!(
+        "DELETE FROM users WHERE id = $1 AND {KEEPS_AN_ADMIN}"
+    ))
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return refused(&mut tx, id).await;
+    }
+    tx.commit().await?;
+    Ok(Guarded::Done(()))
+}
+
+/// Why a guarded statement changed no row: the user is missing, or it was the last-admin check.
+async fn refused<T>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+) -> sqlx::Result<Guarded<T>> {
+    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
         .bind(id)
-        .execute(&db.pool)
+        .fetch_optional(&mut **tx)
         .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(if exists.is_some() {
+        Guarded::LastAdmin
+    } else {
+        Guarded::NotFound
+    })
 }
 
-/// Starts a session (a refresh-token family) whose first token has `token_hash`.
+/// Starts a session (a refresh-token family) whose first token has `token_hash` and expires at
+/// `expires_at`. The session ends for good at `absolute_expires_at`: no refresh moves that, and
+/// the first token's expiry is capped at it. Returns the session id and the token's expiry.
 pub async fn create_session(
     db: &Db,
     user_id: &str,
     token_hash: &str,
     now: i64,
     expires_at: i64,
-) -> sqlx::Result<String> {
+    absolute_expires_at: i64,
+) -> sqlx::Result<(String, i64)> {
     let session_id = uuid::Uuid::now_v7().to_string();
+    let expires_at = expires_at.min(absolute_expires_at);
     let mut tx = db.pool.begin().await?;
-    sqlx::query("INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at) VALUES ($1, $2, $3, $3, $4)")
-        .bind(&session_id)
-        .bind(user_id)
-        .bind(now)
-        .bind(expires_at)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, created_at, last_used_at, expires_at, absolute_expires_at) \
+         VALUES ($1, $2, $3, $3, $4, $5)",
+    )
+    .bind(&session_id)
+    .bind(user_id)
+    .bind(now)
+    .bind(expires_at)
+    .bind(absolute_expires_at)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(
         "INSERT INTO refresh_tokens (token_hash, session_id, issued_at) VALUES ($1, $2, $3)",
     )
@@ -315,10 +385,12 @@ pub async fn create_session(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(session_id)
+    Ok((session_id, expires_at))
 }
 
-/// Rotates the refresh token with `old_hash` to `new_hash`, or detects its reuse.
+/// Rotates the refresh token with `old_hash` to `new_hash`, expiring at `expires_at` but never
+/// after the session's absolute end, or detects its reuse. A session past its absolute end gives
+/// [`Refresh::Invalid`], like an expired token; its end is never moved.
 ///
 /// The conditional UPDATE comes first: of two concurrent refreshes with the same token exactly
 /// one rotates it, and the other sees a rotated token, which is reuse.
@@ -339,7 +411,7 @@ pub async fn rotate_refresh(
     .await?
     .rows_affected();
     let row: Option<AnyRow> = sqlx::query(
-        "SELECT rt.session_id, s.user_id, s.expires_at, s.revoked_at FROM refresh_tokens rt \
+        "SELECT rt.session_id, s.user_id, s.expires_at, s.absolute_expires_at, s.revoked_at FROM refresh_tokens rt \
          JOIN sessions s ON s.id = rt.session_id WHERE rt.token_hash = $1",
     )
     .bind(old_hash)
@@ -351,6 +423,7 @@ pub async fn rotate_refresh(
     let session_id: String = row.try_get("session_id")?;
     let user_id: String = row.try_get("user_id")?;
     let expires: i64 = row.try_get("expires_at")?;
+    let end: i64 = row.try_get("absolute_expires_at")?;
     let revoked: Option<i64> = row.try_get("revoked_at")?;
     if revoked.is_some() {
         return Ok(Refresh::Invalid);
@@ -366,9 +439,10 @@ pub async fn rotate_refresh(
         tx.commit().await?;
         return Ok(Refresh::ReuseDetected);
     }
-    if expires <= now {
+    if expires <= now || end <= now {
         return Ok(Refresh::Invalid);
     }
+    let expires_at = expires_at.min(end);
     let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
     let Some(user) = sqlx::query_as::<_, User>(&sql)
         .bind(&user_id)
@@ -400,6 +474,7 @@ pub async fn rotate_refresh(
     Ok(Refresh::Rotated {
         session_id,
         user: Box::new(user),
+        expires_at,
     })
 }
 

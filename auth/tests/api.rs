@@ -24,6 +24,7 @@ enum Kind {
 }
 
 struct TestApp {
+    kind: Kind,
     router: Router,
     state: AppState,
     schema: Option<(String, String)>,
@@ -51,8 +52,14 @@ fn postgres_url() -> Option<String> {
 impl TestApp {
     /// A fresh service over a fresh database; `None` when PostgreSQL tests are switched off.
     async fn new(kind: Kind) -> Option<Self> {
+        Self::with_config(kind, |_| {}).await
+    }
+
+    /// Like [`Self::new`], with the default config changed by `change`.
+    async fn with_config(kind: Kind, change: impl FnOnce(&mut auth::Config)) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let mut config = auth::Config::default();
+        change(&mut config);
         config.tokens.keys_path = dir.path().join("keys/signing.json");
         let (url, schema) = match kind {
             Kind::Sqlite => (
@@ -81,6 +88,7 @@ impl TestApp {
         let db = Db::connect(&url, 4).await.unwrap();
         let state = AppState::with_db(config, db).unwrap();
         Some(Self {
+            kind,
             router: auth::app(state.clone()),
             state,
             schema,
@@ -210,6 +218,60 @@ impl TestApp {
         (user.id, r.body["access_token"].as_str().unwrap().into())
     }
 
+    /// Takes user `id` out of the admin set as the holder of `token`: `demote`, `disable` or
+    /// `delete`.
+    async fn remove_admin(&self, token: &str, id: &str, how: &str) -> Resp {
+        let path = format!("/users/{id}");
+        match how {
+            "demote" => {
+                self.call("PATCH", &path, Some(token), Some(json!({"role": "user"})))
+                    .await
+            }
+            "disable" => {
+                self.call("PATCH", &path, Some(token), Some(json!({"disabled": true})))
+                    .await
+            }
+            "delete" => self.call("DELETE", &path, Some(token), None).await,
+            other => panic!("unknown removal {other}"),
+        }
+    }
+
+    /// `(created_at, expires_at, absolute_expires_at)` of the session `refresh_token` belongs to.
+    async fn session_times(&self, refresh_token: &str) -> (i64, i64, i64) {
+        sqlx::query_as(
+            "SELECT s.created_at, s.expires_at, s.absolute_expires_at FROM sessions s \
+             JOIN refresh_tokens rt ON rt.session_id = s.id WHERE rt.token_hash = $1",
+        )
+        .bind(auth::tokens::hash_refresh_token(refresh_token))
+        .fetch_one(&self.state.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Sets `column` (a unix-ms timestamp) of the session `refresh_token` belongs to.
+    async fn set_session(&self, refresh_token: &str, column: &str, at: i64) {
+        let done = sqlx::query(&format!(
+            "UPDATE sessions SET {column} = $1 \
+             WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $2)"
+        ))
+        .bind(at)
+        .bind(auth::tokens::hash_refresh_token(refresh_token))
+        .execute(&self.state.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+    }
+
+    /// How many enabled admins the database holds.
+    async fn enabled_admins(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled_at IS NULL",
+        )
+        .fetch_one(&self.state.db.pool)
+        .await
+        .unwrap()
+    }
+
     fn metric(&self, name: &str, labels: &str) -> f64 {
         let text = self.state.metrics.render();
         let prefix = if labels.is_empty() {
@@ -273,12 +335,16 @@ on_both_backends!(
     refresh_rotates_the_token,
     replayed_refresh_token_revokes_the_family,
     concurrent_refreshes_with_one_token_let_one_through,
+    a_session_ends_at_its_absolute_end,
+    the_session_lifetime_comes_from_the_config,
     logout_revokes_the_session,
     access_token_errors,
     content_crud_and_visibility,
     content_input_errors,
     content_pagination,
     admin_user_management,
+    the_last_admin_cannot_be_removed,
+    concurrent_cross_removals_leave_an_admin,
     system_endpoints,
     unknown_routes_and_methods,
     request_ids_are_propagated_or_made,
@@ -569,6 +635,91 @@ async fn concurrent_refreshes_with_one_token_let_one_through(app: &TestApp) {
         .refresh(winner.body["refresh_token"].as_str().unwrap())
         .await;
     assert_error(&r, 401, "unauthorized");
+}
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+async fn a_session_ends_at_its_absolute_end(app: &TestApp) {
+    let (_, _, first) = app.user("end@example.com").await;
+    let (created, expires, end) = app.session_times(&first).await;
+    assert_eq!(end, created + 30 * DAY_MS, "the end is fixed at login");
+    assert_eq!(expires, created + 7 * DAY_MS);
+    // Every refresh gives a fresh refresh token, and none moves the end.
+    let mut token = first;
+    for _ in 0..3 {
+        let r = app.refresh(&token).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let next = r.body["refresh_token"].as_str().unwrap().to_owned();
+        assert_ne!(next, token);
+        token = next;
+        assert_eq!(
+            app.session_times(&token).await.2,
+            end,
+            "a refresh never moves the end"
+        );
+    }
+    // A minute before the end the refresh works, and its token expires at the end, not in 7 days.
+    let soon = auth::db::now_ms() + 60_000;
+    app.set_session(&token, "absolute_expires_at", soon).await;
+    let r = app.refresh(&token).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let secs = r.body["refresh_expires_in"].as_u64().unwrap();
+    assert!((50..=60).contains(&secs), "capped at the end: {secs}");
+    token = r.body["refresh_token"].as_str().unwrap().to_owned();
+    let (_, expires, end) = app.session_times(&token).await;
+    assert_eq!((expires, end), (soon, soon), "capped at the end");
+    // Past the end a fresh, never-used refresh token is refused like an expired one.
+    app.set_session(&token, "absolute_expires_at", auth::db::now_ms() - 1)
+        .await;
+    let ended = app.refresh(&token).await;
+    assert_error(&ended, 401, "unauthorized");
+    let (_, _, other) = app.user("expired@example.com").await;
+    app.set_session(&other, "expires_at", auth::db::now_ms() - 1)
+        .await;
+    let expired = app.refresh(&other).await;
+    assert_error(&expired, 401, "unauthorized");
+    assert_eq!(ended.body["message"], expired.body["message"]);
+    assert_eq!(
+        app.metric("vigil_auth_token_refreshes_total", r#"result="invalid""#),
+        2.0
+    );
+    assert_eq!(
+        app.metric("vigil_auth_refresh_reuse_detected_total", ""),
+        0.0
+    );
+}
+
+async fn the_session_lifetime_comes_from_the_config(app: &TestApp) {
+    let short = TestApp::with_config(app.kind, |c| c.tokens.session_max_lifetime_secs = 3)
+        .await
+        .unwrap();
+    short.register("brief@example.com").await;
+    let r = short.login("brief@example.com").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["refresh_expires_in"], 3,
+        "capped at the session's end"
+    );
+    let first = r.body["refresh_token"].as_str().unwrap().to_owned();
+    let (created, expires, end) = short.session_times(&first).await;
+    assert_eq!((expires, end), (created + 3000, created + 3000));
+    // Before the end: a refresh works and gives a fresh token, still expiring at the end.
+    let r = short.refresh(&first).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body["refresh_expires_in"].as_u64().unwrap() <= 3);
+    let second = r.body["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(second, first);
+    assert_eq!(short.session_times(&second).await, (created, end, end));
+    // After the end: refused, though `second` was issued moments ago and never used.
+    let wait = u64::try_from(end - auth::db::now_ms() + 50).unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    assert_error(&short.refresh(&second).await, 401, "unauthorized");
+    // A new login starts a new session.
+    assert_eq!(
+        short.login("brief@example.com").await.status,
+        StatusCode::OK
+    );
+    short.cleanup().await;
 }
 
 async fn logout_revokes_the_session(app: &TestApp) {
@@ -1063,6 +1214,121 @@ async fn admin_user_management(app: &TestApp) {
     );
     // The email is free again.
     app.register("carol@example.com").await;
+}
+
+async fn the_last_admin_cannot_be_removed(app: &TestApp) {
+    use auth::store::{Guarded, delete_user, update_user};
+    let (admin_id, admin) = app.admin().await;
+    // The API refuses an admin's removal of themselves before it reaches the database...
+    for how in ["demote", "disable", "delete"] {
+        let r = app.remove_admin(&admin, &admin_id, how).await;
+        assert_error(&r, 409, "conflict");
+    }
+    // ...and the statements themselves never remove the last enabled admin.
+    let db = &app.state.db;
+    let now = auth::db::now_ms();
+    let demote = update_user(db, &admin_id, Role::User, None, now).await;
+    assert!(matches!(demote, Ok(Guarded::LastAdmin)), "{demote:?}");
+    assert_eq!(app.enabled_admins().await, 1, "demoting the last admin");
+    let disable = update_user(db, &admin_id, Role::Admin, Some(now), now).await;
+    assert!(matches!(disable, Ok(Guarded::LastAdmin)), "{disable:?}");
+    assert_eq!(app.enabled_admins().await, 1, "disabling the last admin");
+    let delete = delete_user(db, &admin_id).await;
+    assert!(matches!(delete, Ok(Guarded::LastAdmin)), "{delete:?}");
+    assert_eq!(app.enabled_admins().await, 1, "deleting the last admin");
+    assert_eq!(
+        app.me(&admin).await.status,
+        StatusCode::OK,
+        "a refused disable revokes no session"
+    );
+    let keep = update_user(db, &admin_id, Role::Admin, None, now).await;
+    assert!(
+        matches!(keep, Ok(Guarded::Done(_))),
+        "a change that keeps the admin: {keep:?}"
+    );
+    let ghost = uuid::Uuid::new_v4().to_string();
+    let missing = update_user(db, &ghost, Role::User, None, now).await;
+    assert!(matches!(missing, Ok(Guarded::NotFound)), "{missing:?}");
+    let missing = delete_user(db, &ghost).await;
+    assert!(matches!(missing, Ok(Guarded::NotFound)), "{missing:?}");
+    // With a second enabled admin, either may go; then the other is the last one.
+    let (dave_id, _, _) = app.user("dave@example.com").await;
+    let r = app
+        .call(
+            "PATCH",
+            &format!("/users/{dave_id}"),
+            Some(&admin),
+            Some(json!({"role": "admin"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let disable = update_user(db, &admin_id, Role::Admin, Some(now), now).await;
+    assert!(matches!(disable, Ok(Guarded::Done(_))), "{disable:?}");
+    assert_eq!(app.enabled_admins().await, 1, "one of two admins disabled");
+    assert_error(&app.me(&admin).await, 401, "unauthorized");
+    let delete = delete_user(db, &dave_id).await;
+    assert!(
+        matches!(delete, Ok(Guarded::LastAdmin)),
+        "a disabled admin does not count: {delete:?}"
+    );
+    assert_eq!(app.enabled_admins().await, 1);
+    // Non-admins and disabled admins are never held back.
+    let (erin_id, _, _) = app.user("erin@example.com").await;
+    let disable = update_user(db, &erin_id, Role::User, Some(now), now).await;
+    assert!(matches!(disable, Ok(Guarded::Done(_))), "{disable:?}");
+    let delete = delete_user(db, &erin_id).await;
+    assert!(matches!(delete, Ok(Guarded::Done(()))), "{delete:?}");
+    let delete = delete_user(db, &admin_id).await;
+    assert!(
+        matches!(delete, Ok(Guarded::Done(()))),
+        "the disabled admin: {delete:?}"
+    );
+    assert_eq!(app.enabled_admins().await, 1);
+}
+
+/// Two admins take each other out at the same moment, with every pair of demote, disable and
+/// delete: one of them wins, the other is refused, and an enabled admin is left.
+async fn concurrent_cross_removals_leave_an_admin(app: &TestApp) {
+    let (mut keeper_id, mut keeper) = app.admin().await;
+    let ways = ["demote", "disable", "delete"];
+    let mut refused_by_the_guard = 0;
+    for round in 0..9 {
+        let (a_how, b_how) = (ways[round % 3], ways[round / 3]);
+        let (other_id, other, _) = app.user(&format!("admin{round}@example.com")).await;
+        let r = app
+            .call(
+                "PATCH",
+                &format!("/users/{other_id}"),
+                Some(&keeper),
+                Some(json!({"role": "admin"})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(app.enabled_admins().await, 2);
+        let (a, b) = tokio::join!(
+            app.remove_admin(&keeper, &other_id, a_how),
+            app.remove_admin(&other, &keeper_id, b_how),
+        );
+        let what = format!("round {round} ({a_how} / {b_how}): {} / {}", a.body, b.body);
+        assert_eq!(app.enabled_admins().await, 1, "{what}");
+        let won = |r: &Resp| r.status.is_success();
+        assert!(won(&a) != won(&b), "exactly one wins: {what}");
+        let loser = if won(&a) { &b } else { &a };
+        // Refused by the last-admin check (409), or, when the winner was quicker than the
+        // loser's authentication, because the loser is no admin (403) or no user (401) any more.
+        match loser.status.as_u16() {
+            409 => {
+                assert_error(loser, 409, "conflict");
+                refused_by_the_guard += 1;
+            }
+            403 => assert_error(loser, 403, "forbidden"),
+            _ => assert_error(loser, 401, "unauthorized"),
+        }
+        if !won(&a) {
+            (keeper_id, keeper) = (other_id, other);
+        }
+    }
+    eprintln!("{refused_by_the_guard} of 9 races were decided by the last-admin check");
 }
 
 async fn system_endpoints(app: &TestApp) {

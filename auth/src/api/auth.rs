@@ -2,7 +2,9 @@
 //!
 //! Login answers the same 401 for an unknown email and a wrong password after the same argon2
 //! work; a disabled account is told so only after its correct password. Refresh rotates the
-//! token; a rotated token presented again revokes its whole family.
+//! token; a rotated token presented again revokes its whole family. A session (a login) ends for
+//! good `tokens.session_max_lifetime_secs` after the login: refreshes never move that end, and
+//! no refresh token expires after it.
 
 use axum::Json;
 use axum::extract::State;
@@ -82,7 +84,8 @@ pub struct TokenResponse {
     pub expires_in: u64,
     /// Opaque; exchange it at `/auth/refresh`. Single use.
     pub refresh_token: String,
-    /// Seconds until the refresh token expires.
+    /// Seconds until the refresh token expires: `tokens.refresh_ttl_secs`, or less near the
+    /// session's absolute end.
     pub refresh_expires_in: u64,
 }
 
@@ -184,18 +187,19 @@ async fn login_inner(state: &AppState, req: Credentials) -> Result<TokenResponse
     }
     let now = now_ms();
     let (refresh, refresh_hash) = new_refresh_token();
-    let expires = now + ttl_ms(state.tokens.refresh_ttl_secs);
-    let session_id =
-        store::create_session(&state.db, &user.id, &refresh_hash, now, expires).await?;
+    let expires = now.saturating_add(ttl_ms(state.tokens.refresh_ttl_secs));
+    let end = now.saturating_add(ttl_ms(state.config.tokens.session_max_lifetime_secs));
+    let (session_id, expires) =
+        store::create_session(&state.db, &user.id, &refresh_hash, now, expires, end).await?;
     tracing::info!(user_id = %user.id, session_id = %session_id, "login");
-    issue(state, &user, &session_id, refresh)
+    issue(state, &user, &session_id, refresh, secs_until(now, expires))
 }
 
 /// Exchange a refresh token for new tokens; the old refresh token stops working.
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest, responses(
     (status = 200, description = "New tokens", body = TokenResponse),
     (status = 400, body = ErrorBody),
-    (status = 401, description = "Unknown, expired, revoked or reused refresh token", body = ErrorBody),
+    (status = 401, description = "Unknown, expired, revoked or reused refresh token, or a session past its absolute end", body = ErrorBody),
 ))]
 pub async fn refresh(
     State(state): State<AppState>,
@@ -203,7 +207,7 @@ pub async fn refresh(
 ) -> Result<Json<TokenResponse>, ApiError> {
     let now = now_ms();
     let (refresh, refresh_hash) = new_refresh_token();
-    let expires = now + ttl_ms(state.tokens.refresh_ttl_secs);
+    let expires = now.saturating_add(ttl_ms(state.tokens.refresh_ttl_secs));
     let outcome = store::rotate_refresh(
         &state.db,
         &hash_refresh_token(&req.refresh_token),
@@ -220,9 +224,20 @@ pub async fn refresh(
             count("disabled");
             Err(invalid())
         }
-        Refresh::Rotated { session_id, user } => {
+        Refresh::Rotated {
+            session_id,
+            user,
+            expires_at,
+        } => {
             count("success");
-            issue(&state, &user, &session_id, refresh).map(Json)
+            issue(
+                &state,
+                &user,
+                &session_id,
+                refresh,
+                secs_until(now, expires_at),
+            )
+            .map(Json)
         }
         Refresh::ReuseDetected => {
             count("reuse_detected");
@@ -263,6 +278,7 @@ fn issue(
     user: &User,
     session_id: &str,
     refresh_token: String,
+    refresh_expires_in: u64,
 ) -> Result<TokenResponse, ApiError> {
     let now = u64::try_from(now_ms() / 1000).unwrap_or(0);
     let (access_token, _) = state
@@ -274,8 +290,13 @@ fn issue(
         token_type: "Bearer",
         expires_in: state.tokens.access_ttl_secs,
         refresh_token,
-        refresh_expires_in: state.tokens.refresh_ttl_secs,
+        refresh_expires_in,
     })
+}
+
+/// Whole seconds from `now` to `at` (both unix ms), 0 when `at` has passed.
+fn secs_until(now: i64, at: i64) -> u64 {
+    u64::try_from(at.saturating_sub(now) / 1000).unwrap_or(0)
 }
 
 fn ttl_ms(secs: u64) -> i64 {

@@ -1,5 +1,8 @@
 //! `/users`: user administration, admin only. An admin cannot demote, disable or delete
-//! themselves, so the service is never left without the admin who holds the session.
+//! themselves, so the service is never left without the admin who holds the session. Nor is it
+//! left without any enabled admin when two admins remove each other at once: the last-admin check
+//! is part of the `UPDATE`/`DELETE` ([`store::update_user`], [`store::delete_user`]), and the
+//! refused one gets a 409.
 
 use axum::Json;
 use axum::extract::State;
@@ -12,7 +15,7 @@ use super::{Admin, Body, PageQuery, Path, Query, paginate, parse_id};
 use crate::AppState;
 use crate::db::now_ms;
 use crate::error::{ApiError, ErrorBody};
-use crate::store::{self, Cursor, Role};
+use crate::store::{self, Cursor, Guarded, Role};
 
 /// `PATCH /users/{id}`: the fields to change.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -86,9 +89,11 @@ pub async fn update(
             "admins cannot demote or disable themselves",
         ));
     }
-    let user = store::update_user(&state.db, &id, role, disabled_at, now)
-        .await?
-        .ok_or(ApiError::not_found("user"))?;
+    let user = match store::update_user(&state.db, &id, role, disabled_at, now).await? {
+        Guarded::Done(user) => user,
+        Guarded::NotFound => return Err(ApiError::not_found("user")),
+        Guarded::LastAdmin => return Err(last_admin()),
+    };
     tracing::info!(admin_id = %admin.id, user_id = %user.id, role = role.as_str(), disabled = disabled_at.is_some(), "user updated");
     Ok(Json(user.into()))
 }
@@ -107,9 +112,17 @@ pub async fn delete(
     if id == admin.id {
         return Err(ApiError::conflict("admins cannot delete themselves"));
     }
-    if !store::delete_user(&state.db, &id).await? {
-        return Err(ApiError::not_found("user"));
+    match store::delete_user(&state.db, &id).await? {
+        Guarded::Done(()) => {}
+        Guarded::NotFound => return Err(ApiError::not_found("user")),
+        Guarded::LastAdmin => return Err(last_admin()),
     }
     tracing::info!(admin_id = %admin.id, user_id = %id, "user deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// 409 for a change that would leave no enabled admin (two admins removing each other at once:
+/// the second to commit gets this).
+fn last_admin() -> ApiError {
+    ApiError::conflict("the last enabled admin cannot be demoted, disabled or deleted")
 }
