@@ -515,6 +515,14 @@ impl RemoteKeys {
             .flatten()
     }
 
+    /// Whether keys fetched once are still usable at `now`: [`Self::keys_at`] without the
+    /// keys (what a cached verification must also obey).
+    pub fn usable_at(&self, now: u64) -> bool {
+        let confirmed = self.confirmed_at.load(Ordering::Acquire);
+        now.saturating_sub(confirmed) <= self.settings.max_stale.as_secs()
+            && self.keys.load().is_some()
+    }
+
     /// Counts the key sets swapped in: a cached verification made with an older one is stale.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)

@@ -78,6 +78,19 @@ impl RouteTable {
     }
 }
 
+/// The default `security_headers`, for the edge's answers before a route is known (404
+/// `no_route`, and requests refused before routing).
+pub fn default_security_headers() -> &'static (
+    Vec<(http::HeaderName, http::HeaderValue)>,
+    Option<http::HeaderValue>,
+) {
+    static DEFAULT: std::sync::OnceLock<(
+        Vec<(http::HeaderName, http::HeaderValue)>,
+        Option<http::HeaderValue>,
+    )> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| security_headers(&crate::config::SecurityHeaders::default()))
+}
+
 /// The header values a route's `security_headers` config stands for, computed once when the
 /// route is built rather than on every response. `referrer_policy` was checked at load.
 pub fn security_headers(

@@ -189,8 +189,25 @@ async fn answer(
     headers: &[(HeaderName, HeaderValue)],
     body: Option<Bytes>,
 ) -> Result<bool> {
-    let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
+    // The edge's own answers carry the security headers of the route (or the defaults, before
+    // a route is known) like proxied ones: HSTS over HTTPS, nosniff, framing, referrer policy.
+    let (security, hsts) = match ctx.route.as_deref() {
+        Some(r) => (r.security_headers.as_slice(), r.hsts.as_ref()),
+        None => {
+            let (security, hsts) = crate::routing::default_security_headers();
+            (security.as_slice(), hsts.as_ref())
+        }
+    };
+    let mut resp = ResponseHeader::build(status, Some(6 + headers.len() + security.len()))?;
     resp.insert_header("x-request-id", ctx.request_id.clone())?;
+    for (k, v) in security {
+        resp.insert_header(k.clone(), v.clone())?;
+    }
+    if ctx.req.tls
+        && let Some(hsts) = hsts
+    {
+        resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+    }
     for (k, v) in headers {
         resp.insert_header(k.clone(), v.clone())?;
     }
@@ -260,6 +277,45 @@ fn request_host(req: &RequestHeader) -> Option<String> {
         .map(|a| a.as_str())
         .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
         .map(|h| normalize_host(h).into_owned())
+}
+
+/// Whether a response's `Vary` already covers `Origin` (or everything, `*`).
+fn varies_on_origin(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|t| t.eq_ignore_ascii_case(b"origin") || t == b"*")
+}
+
+/// Whether the request's `Connection` header is one Pingora's sanitiser accepts (it refuses the
+/// request otherwise, after the upstream is chosen, as an error of the edge's): fewer than 10
+/// options, each an HTTP token (RFC 9110 §5.6.2), none naming a header the edge sets itself.
+fn connection_header_ok(headers: &http::HeaderMap) -> bool {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let mut options = 0;
+    for token in headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+    {
+        options += 1;
+        let protected = [
+            &b"host"[..],
+            b"x-forwarded-for",
+            b"x-forwarded-host",
+            b"x-forwarded-proto",
+        ]
+        .iter()
+        .any(|p| token.eq_ignore_ascii_case(p));
+        if options >= 10 || protected || !token.iter().all(tchar) {
+            return false;
+        }
+    }
+    true
 }
 
 fn header_size(req: &RequestHeader) -> usize {
@@ -341,6 +397,15 @@ impl ProxyHttp for Edge {
                 "protocol",
                 "invalid_path",
                 "the request path is not valid UTF-8",
+            );
+            return self.respond(session, ctx, r).await;
+        }
+        if !connection_header_ok(&req.headers) {
+            let r = Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "request",
+                "bad_connection_header",
+                "the Connection header names too many options, or one the edge sets itself",
             );
             return self.respond(session, ctx, r).await;
         }
@@ -643,7 +708,14 @@ impl ProxyHttp for Edge {
                 headers.insert(k.clone(), v.clone());
             }
             for (k, v) in cors {
-                headers.insert(k, v);
+                // `Vary: Origin` joins what the upstream varies on; it never replaces it.
+                if k == header::VARY {
+                    if !varies_on_origin(headers) {
+                        headers.append(k, v);
+                    }
+                } else {
+                    headers.insert(k, v);
+                }
             }
             for (k, v) in set.into_iter().flatten() {
                 headers.insert(k, v);
@@ -694,6 +766,14 @@ impl ProxyHttp for Edge {
                 "the request was not received in time",
             )),
             (_, ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) => None,
+            // Anything else the client's side got wrong (a malformed chunk size, a header the
+            // sanitiser refuses) is the client's mistake, never a 500.
+            (_, _) if e.esource() == &ErrorSource::Downstream => Some(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "request",
+                "malformed",
+                "the request could not be read",
+            )),
             (_, ErrorType::HTTPStatus(code)) => Some(Rejection::new(
                 StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_REQUEST),
                 "protocol",

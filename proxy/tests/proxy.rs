@@ -35,6 +35,10 @@ async fn upstream() -> SocketAddr {
         )
         .route("/health", get(|| async { "ok" }))
         .route(
+            "/app/varied",
+            get(|| async { ([("vary", "accept-encoding")], "varies") }),
+        )
+        .route(
             "/csp/page",
             get(|| async {
                 (
@@ -1124,6 +1128,129 @@ upstream = "echo"
     }
 }
 
+/// Sends `raw` bytes as they are; the status and the JSON body of the answer (read up to its
+/// `Content-Length`: the connection may stay open).
+async fn raw_request(addr: &str, raw: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")?
+                        .trim()
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0usize);
+            if body.len() >= len {
+                let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+                return (status, serde_json::from_str(body).unwrap_or(Value::Null));
+            }
+        }
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => panic!("no whole answer: {text:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mistakes_in_framing_are_400s_with_the_json_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(ROUTES, upstream().await, dir.path(), false).await;
+    let addr = edge.http.trim_start_matches("http://").to_owned();
+    let many: Vec<String> = (0..10).map(|i| format!("x-opt-{i}")).collect();
+    for (raw, reason) in [
+        (
+            "GET /api/x HTTP/1.1\r\nHost: x\r\nConnection: x-forwarded-for\r\n\r\n".to_owned(),
+            "bad_connection_header",
+        ),
+        (
+            format!(
+                "GET /api/x HTTP/1.1\r\nHost: x\r\nConnection: {}\r\n\r\n",
+                many.join(", ")
+            ),
+            "bad_connection_header",
+        ),
+        (
+            "POST /api/v2/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+                .to_owned(),
+            "malformed",
+        ),
+    ] {
+        let (status, body) = raw_request(&addr, raw.as_bytes()).await;
+        assert_eq!(status, 400, "{raw:?}: {body}");
+        assert_eq!(body["stage"], "request", "{raw:?}");
+        assert_eq!(body["error"], reason, "{raw:?}");
+        assert!(body["request_id"].is_string());
+    }
+    let line = edge.log_line(|l| l["reason"] == "malformed").await;
+    assert_eq!(
+        (line["status"].as_u64(), line["stage"].as_str()),
+        (Some(400), Some("request"))
+    );
+    assert_eq!(
+        edge.metric(
+            "vigil_proxy_rejections_total{reason=\"bad_connection_header\",route=\"unmatched\",stage=\"request\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        edge.metric(
+            "vigil_proxy_rejections_total{reason=\"internal\",route=\"api-v2\",stage=\"proxy\"}"
+        ),
+        0.0,
+        "never a 500"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edges_own_answers_over_https_carry_the_security_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(ROUTES, upstream().await, dir.path(), false).await;
+    let https = edge.https.unwrap();
+    let c = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let base = format!("https://127.0.0.1:{}", https.port());
+    for (path, status) in [("/nowhere", 404), ("/blocked/x", 403), ("/gone/x", 502)] {
+        let r = c.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), status, "{path}");
+        let h = r.headers();
+        assert_eq!(
+            h.get("strict-transport-security")
+                .map(|v| v.to_str().unwrap()),
+            Some("max-age=31536000; includeSubDomains"),
+            "{path}"
+        );
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+    }
+    let big = c
+        .post(format!("{base}/api/x"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    assert!(big.headers().contains_key("strict-transport-security"));
+    // Plain HTTP answers get no HSTS.
+    let r = reqwest::get(format!("{}/nowhere", edge.http))
+        .await
+        .unwrap();
+    assert!(!r.headers().contains_key("strict-transport-security"));
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+}
+
 const GUARDED: &str = r#"
 [limits]
 header_read_timeout_ms = 1000
@@ -1563,6 +1690,24 @@ async fn cors_preflights_are_answered_at_the_edge_and_responses_compressed_on_re
             .is_none()
     );
 
+    // The upstream's Vary is kept; Origin joins it.
+    let varied = c
+        .get(format!("{}/app/varied", edge.http))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    let vary: Vec<String> = varied
+        .headers()
+        .get_all("vary")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+        .collect();
+    assert!(
+        vary.iter().any(|v| v.contains("accept-encoding"))
+            && vary.iter().any(|v| v.contains("origin")),
+        "{vary:?}"
+    );
     let zipped = c
         .get(format!("{}/app/items", edge.http))
         .header("accept-encoding", "gzip")

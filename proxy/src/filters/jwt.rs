@@ -503,9 +503,14 @@ impl JwtFilter {
 
     fn cached(&self, digest: &[u8; 32], now: u64) -> Option<Arc<Verified>> {
         let v = self.cache.as_ref()?.get(digest)?;
+        // The same rules as a fresh verification: the token's lifetime, and keys of the set it
+        // was verified with that are not past `jwks_max_stale_secs`.
         let fresh = now < v.exp
-            && v.generation
-                .is_none_or(|g| self.remote.as_ref().is_some_and(|r| r.generation() == g));
+            && v.generation.is_none_or(|g| {
+                self.remote
+                    .as_ref()
+                    .is_some_and(|r| r.generation() == g && r.usable_at(now))
+            });
         fresh.then_some(v)
     }
 
@@ -1158,6 +1163,37 @@ mod tests {
         remote.install(jwks(&[&Signer::ed25519("k2")]));
         assert!(f.cached(&digest, exp - 1).is_none());
         assert_eq!(reason(&f, &token), Some("unknown_kid"));
+    }
+
+    #[test]
+    fn a_cached_verification_obeys_the_key_sets_staleness() {
+        let ed = Signer::ed25519("k1");
+        let remote = Arc::new(RemoteKeys::new(keys::JwksSettings {
+            issuer: "vigil-auth".into(),
+            url: "http://127.0.0.1:1/jwks".into(),
+            refresh: std::time::Duration::from_secs(300),
+            min_refresh: std::time::Duration::from_secs(5),
+            timeout: std::time::Duration::from_secs(1),
+            max_stale: std::time::Duration::from_secs(60),
+        }));
+        let keys: Vec<_> = vec![ed.jwk.clone()];
+        remote.install(
+            keys::from_jwks(json!({ "keys": keys }).to_string().as_bytes(), false).unwrap(),
+        );
+        let f = JwtFilter::with_keys(
+            &config(&["EdDSA"]),
+            KeySet::default(),
+            Some(remote),
+            &Metrics::new(),
+        );
+        let token = ed.token(&claims());
+        assert_eq!(reason(&f, &token), None, "verified and cached");
+        let digest = sha256(token.as_bytes());
+        assert!(f.cached(&digest, now() + 59).is_some());
+        // No fetch has confirmed the keys for longer than jwks_max_stale_secs: a fresh
+        // verification would answer 503, and so must the cache (the token is still in date).
+        assert!(now() + 61 < claims()["exp"].as_u64().unwrap());
+        assert!(f.cached(&digest, now() + 61).is_none());
     }
 
     #[test]
