@@ -2,18 +2,23 @@
 //! (ARCHITECTURE.md), written straight to its sink (stdout by default) rather than through
 //! `tracing`, so the field names are the contract's and not a formatter's. Nothing secret goes
 //! in: no query string, no header but the user agent, no token, cookie or body.
+//!
+//! Request threads never write to stdout: they append to a bounded queue ([`Writer`]) that a
+//! dedicated thread drains. A stalled reader of stdout (a full pipe, a stopped log shipper)
+//! stalls only that thread; once the queue is full, further lines are dropped and counted
+//! (`vigil_proxy_access_log_dropped_total`), and requests go on.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 /// Where access-log lines go.
 #[derive(Debug, Clone, Default)]
 pub enum Sink {
-    /// Standard output (what promtail reads). Lines gather in a buffer that a flusher thread
-    /// writes out every 100 ms, or at once past 64 KiB, like nginx's `access_log … buffer=
-    /// flush=`: no system call and no thread wake-up on the request path. [`flush`] writes what
-    /// is left at shutdown.
+    /// Standard output (what promtail reads), through the process's [`Writer`]: lines gather
+    /// in a queue that the writer thread drains every 100 ms, or as soon as 64 KiB are waiting,
+    /// like nginx's `access_log … buffer= flush=`: no system call on the request path.
+    /// [`flush`] writes what is left at shutdown.
     #[default]
     Stdout,
     /// A shared buffer (tests).
@@ -99,8 +104,9 @@ pub struct Line<'a> {
 }
 
 impl Sink {
-    /// Writes `line` as one JSON line. A failed write is dropped, never a failed request.
-    pub fn write(&self, line: &Line<'_>) {
+    /// Queues `line` as one JSON line; `false` when it was dropped (the queue is full: its
+    /// reader has stalled). Never blocks on the reader.
+    pub fn write(&self, line: &Line<'_>) -> bool {
         thread_local! {
             /// Each worker thread serialises into its own buffer, reused line after line.
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -109,16 +115,98 @@ impl Sink {
             bytes.clear();
             line.write_json(bytes);
             bytes.push(b'\n');
-            let target = match self {
-                Sink::Stdout => stdout_buffer(),
-                Sink::Memory(buf) => buf.as_ref(),
-            };
-            let mut buf = target.lock().unwrap_or_else(|p| p.into_inner());
-            buf.extend_from_slice(bytes);
-            if matches!(self, Sink::Stdout) && buf.len() >= FLUSH_AT_BYTES {
-                write_out(&mut buf);
+            match self {
+                Sink::Stdout => stdout().push(bytes),
+                Sink::Memory(buf) => {
+                    buf.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(bytes);
+                    true
+                }
             }
+        })
+    }
+}
+
+/// A bounded queue of log lines and the thread that writes them out. The queue holds at most
+/// `max_bytes`; a line that does not fit is dropped whole, so a line is written whole or not
+/// at all.
+pub struct Writer {
+    queue: Mutex<Vec<u8>>,
+    /// Wakes the writer thread when [`FLUSH_AT_BYTES`] are waiting.
+    wake: Condvar,
+    /// Held while writing out, so [`Writer::flush`] and the thread do not interleave lines.
+    out: Mutex<Box<dyn Write + Send>>,
+    max_bytes: usize,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// A writer to `out` holding at most `max_bytes` waiting, with its thread started.
+    pub fn start(out: Box<dyn Write + Send>, max_bytes: usize) -> Arc<Self> {
+        let writer = Arc::new(Self {
+            queue: Mutex::new(Vec::with_capacity(FLUSH_AT_BYTES * 2)),
+            wake: Condvar::new(),
+            out: Mutex::new(out),
+            max_bytes,
         });
+        let thread = writer.clone();
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                loop {
+                    thread.wait_for_lines();
+                    thread.flush();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "the access-log writer did not start; lines are written at shutdown only");
+        }
+        writer
+    }
+
+    /// Queues `line`; `false` when the queue is full and the line was dropped.
+    pub fn push(&self, line: &[u8]) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() + line.len() > self.max_bytes {
+            return false;
+        }
+        let was_below = queue.len() < FLUSH_AT_BYTES;
+        queue.extend_from_slice(line);
+        if was_below && queue.len() >= FLUSH_AT_BYTES {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Blocks the writer thread until lines are due: 64 KiB waiting, or 100 ms passed.
+    fn wait_for_lines(&self) {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .wake
+            .wait_timeout_while(queue, FLUSH_EVERY, |q| q.len() < FLUSH_AT_BYTES)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Writes out what is queued. The queue is swapped out first, so request threads keep
+    /// queuing while the (possibly slow) write goes on.
+    pub fn flush(&self) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.is_empty() {
+                return;
+            }
+            std::mem::replace(&mut *queue, Vec::with_capacity(FLUSH_AT_BYTES * 2))
+        };
+        let _ = out.write_all(&lines).and_then(|()| out.flush());
     }
 }
 
@@ -228,37 +316,18 @@ pub fn timestamp() -> String {
 
 const FLUSH_AT_BYTES: usize = 64 * 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// What may wait for a stalled stdout before lines are dropped: seconds of a busy edge.
+const QUEUE_MAX_BYTES: usize = 8 * 1024 * 1024;
 
-/// The stdout buffer, and the thread that flushes it every [`FLUSH_EVERY`].
-fn stdout_buffer() -> &'static Mutex<Vec<u8>> {
-    static BUFFER: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-    BUFFER.get_or_init(|| {
-        let spawned = std::thread::Builder::new().name("access-log".into()).spawn(|| {
-            loop {
-                std::thread::sleep(FLUSH_EVERY);
-                flush();
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "the access-log flusher did not start; lines are written as the buffer fills");
-        }
-        Mutex::new(Vec::with_capacity(FLUSH_AT_BYTES * 2))
-    })
+/// The process's stdout writer.
+fn stdout() -> &'static Writer {
+    static STDOUT: OnceLock<Arc<Writer>> = OnceLock::new();
+    STDOUT.get_or_init(|| Writer::start(Box::new(std::io::stdout()), QUEUE_MAX_BYTES))
 }
 
-/// Writes the buffered access-log lines to stdout now (at shutdown, and every 100 ms).
+/// Writes the queued access-log lines to stdout now (at shutdown).
 pub fn flush() {
-    let mut buf = stdout_buffer().lock().unwrap_or_else(|p| p.into_inner());
-    write_out(&mut buf);
-}
-
-fn write_out(buf: &mut Vec<u8>) {
-    if buf.is_empty() {
-        return;
-    }
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(buf).and_then(|()| out.flush());
-    buf.clear();
+    stdout().flush();
 }
 
 #[cfg(test)]
@@ -278,6 +347,64 @@ mod tests {
             (floor(before)..=floor(after)).contains(&parsed.timestamp_millis()),
             "{ts}"
         );
+    }
+
+    /// An output that blocks until told to go on, then keeps what it is given.
+    struct Stalled {
+        go: Arc<(Mutex<bool>, Condvar)>,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (go, cv) = &*self.go;
+            let mut go = go.lock().unwrap();
+            while !*go {
+                go = cv.wait(go).unwrap();
+            }
+            self.got.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_reader_drops_lines_instead_of_blocking_requests() {
+        let go = Arc::new((Mutex::new(false), Condvar::new()));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let out = Stalled {
+            go: go.clone(),
+            got: got.clone(),
+        };
+        let writer = Writer::start(Box::new(out), 256 * 1024);
+        let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(1000));
+        // Request threads push far more than the queue holds while the reader is stalled; if a
+        // push blocked, this thread would never report back.
+        let (done, finished) = std::sync::mpsc::channel();
+        let pusher = writer.clone();
+        let pushed_line = line.clone();
+        std::thread::spawn(move || {
+            let kept = (0..2_000)
+                .filter(|_| pusher.push(pushed_line.as_bytes()))
+                .count();
+            let _ = done.send(kept);
+        });
+        let kept = finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("pushing never waits for the stalled reader");
+        assert!(kept < 2_000, "lines past the bound are dropped");
+        assert!(kept >= 200, "the queue holds what fits: {kept}");
+        // The reader comes back: what was kept is written out whole.
+        *go.0.lock().unwrap() = true;
+        go.1.notify_all();
+        writer.flush();
+        let text = String::from_utf8(got.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), kept);
+        for l in text.lines() {
+            assert_eq!(l, line.trim_end(), "lines are written whole");
+        }
     }
 
     #[test]

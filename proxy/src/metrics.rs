@@ -26,6 +26,8 @@ pub struct Metrics {
     pub connections_active: IntGauge,
     /// `vigil_proxy_requests_in_flight`
     pub requests_in_flight: IntGauge,
+    /// `vigil_proxy_access_log_dropped_total`: lines dropped while stdout's reader stalled
+    pub access_log_dropped: prometheus::IntCounter,
     /// `vigil_proxy_tls_handshakes_total{version,result}`
     pub tls_handshakes: IntCounterVec,
     /// `vigil_proxy_config_reloads_total{result}`
@@ -155,6 +157,15 @@ impl Metrics {
                 "vigil_proxy_requests_in_flight",
                 "Requests being served now.",
             ),
+            access_log_dropped: {
+                let c = prometheus::IntCounter::new(
+                    "vigil_proxy_access_log_dropped_total",
+                    "Access-log lines dropped because stdout's reader fell behind (the queue was full).",
+                )
+                .expect("valid metric definition");
+                reg(Box::new(c.clone()));
+                c
+            },
             tls_handshakes: counter(
                 "vigil_proxy_tls_handshakes_total",
                 "TLS handshakes by protocol version and result.",

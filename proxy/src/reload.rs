@@ -4,9 +4,12 @@
 //! `vigil_proxy_config_last_reload_successful` drops to 0. Requests in flight keep the
 //! snapshot they started with, so a reload never drops one.
 //!
-//! Listener addresses, threads and the TLS certificate list need a graceful upgrade
-//! (`vigil proxy --upgrade` then SIGQUIT to the old process); the certificate *files* are
-//! reloaded on their own when they change.
+//! Applied at once: routes, filters, upstreams, `listen.trusted_proxies` and
+//! `listen.forwarded_header` (read per request), and the connection limits
+//! (`limits.max_connections`, `header_read_timeout_ms`, `max_header_bytes`: read per new
+//! connection). What the listeners were built with needs a graceful upgrade (`vigil proxy
+//! --upgrade`, then SIGQUIT to the old process), and the reload log names each such key that
+//! changed ([`needs_upgrade`]). The certificate *files* reload on their own when they change.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,11 +47,11 @@ impl Reloader {
         let result = crate::config::load(&self.path).and_then(|c| crate::build(c, Some(&current)));
         match result {
             Ok(next) => {
-                if next.config.listen != current.config.listen
-                    || next.config.tls.certs != current.config.tls.certs
-                {
+                let waiting = needs_upgrade(&current.config, &next.config);
+                if !waiting.is_empty() {
                     tracing::warn!(
-                        "listen and tls.certs changes take effect after a graceful upgrade; routes, filters and upstreams are reloaded now"
+                        keys = %waiting.join(", "),
+                        "these changes take effect after a graceful upgrade (vigil proxy --upgrade, then SIGQUIT); everything else is reloaded now"
                     );
                 }
                 tracing::info!(config = %self.path.display(), summary = %next.summary(), "config reloaded");
@@ -73,6 +76,34 @@ impl Reloader {
             }
         }
     }
+}
+
+/// The changed keys of `next` that the running listeners cannot take: they were built with
+/// them.
+pub fn needs_upgrade(current: &crate::Config, next: &crate::Config) -> Vec<&'static str> {
+    let (a, b) = (current, next);
+    [
+        ("listen.https", a.listen.https != b.listen.https),
+        ("listen.http", a.listen.http != b.listen.http),
+        (
+            "listen.http_redirect",
+            a.listen.http_redirect != b.listen.http_redirect,
+        ),
+        ("listen.admin", a.listen.admin != b.listen.admin),
+        ("tls.certs", a.tls.certs != b.tls.certs),
+        ("tls.generated_dir", a.tls.generated_dir != b.tls.generated_dir),
+        (
+            "limits.keepalive_timeout_secs (the HTTP/2 idle timeout; HTTP/1.1 takes it now)",
+            a.limits.keepalive_timeout_secs != b.limits.keepalive_timeout_secs,
+        ),
+        (
+            "limits.max_requests_per_connection",
+            a.limits.max_requests_per_connection != b.limits.max_requests_per_connection,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 /// Reloads on every SIGHUP. The handler is installed when this is created, before the server
@@ -122,5 +153,41 @@ impl BackgroundService for OnSighup {
         }
         handle.close();
         let _ = waiter.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_upgrade;
+
+    #[test]
+    fn the_keys_that_need_an_upgrade_are_named_and_no_others() {
+        let parse = |extra: &str| {
+            crate::config::parse(
+                &format!("{extra}\n[upstreams.u]\naddrs = [\"127.0.0.1:1\"]\n"),
+                "t.toml",
+            )
+            .unwrap()
+        };
+        let base = parse("");
+        let live = parse(
+            "[listen]\ntrusted_proxies = [\"10.0.0.0/8\"]\n[limits]\nmax_connections = 5\nheader_read_timeout_ms = 500\nmax_header_bytes = 4096",
+        );
+        assert!(
+            needs_upgrade(&base, &live).is_empty(),
+            "applied at once: {:?}",
+            needs_upgrade(&base, &live)
+        );
+        let moved = parse(
+            "[listen]\nhttps = \"127.0.0.1:9443\"\nadmin = \"127.0.0.1:9911\"\n[limits]\nmax_requests_per_connection = 10",
+        );
+        assert_eq!(
+            needs_upgrade(&base, &moved),
+            [
+                "listen.https",
+                "listen.admin",
+                "limits.max_requests_per_connection"
+            ]
+        );
     }
 }

@@ -868,7 +868,7 @@ impl ProxyHttp for Edge {
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .map_or("", |d| crate::tls::normalize_version(Some(&d.version)));
-        self.access_log.write(&crate::access_log::Line {
+        let written = self.access_log.write(&crate::access_log::Line {
             ts: crate::access_log::timestamp(),
             level: "info",
             service: "proxy",
@@ -893,6 +893,9 @@ impl ProxyHttp for Edge {
             tls_version,
             user_agent,
         });
+        if !written {
+            self.metrics.access_log_dropped.inc();
+        }
     }
 }
 

@@ -1626,6 +1626,40 @@ async fn connections_over_the_cap_are_closed_until_a_slot_frees() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ok, "a freed slot admits a new connection");
+
+    // A reload lowers the cap for the next connections, without a restart.
+    edge.rewrite(&GUARDED.replace("max_connections = 3", "max_connections = 1"));
+    edge.reloader.reload().unwrap();
+    drop(held);
+    assert_eq!(
+        metric_soon(
+            &edge,
+            "vigil_proxy_connections_active",
+            0.0,
+            Duration::from_secs(5)
+        )
+        .await,
+        0.0
+    );
+    let _one = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert_eq!(
+        metric_soon(
+            &edge,
+            "vigil_proxy_connections_active",
+            1.0,
+            Duration::from_secs(5)
+        )
+        .await,
+        1.0
+    );
+    let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = second
+        .write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let answer = read_until_closed(&mut second, Duration::from_secs(3))
+        .await
+        .expect("closed at once");
+    assert!(answer.is_empty(), "the reloaded cap of 1 holds");
 }
 
 const CORS: &str = r#"
