@@ -91,7 +91,10 @@ pub fn needs_upgrade(current: &crate::Config, next: &crate::Config) -> Vec<&'sta
         ),
         ("listen.admin", a.listen.admin != b.listen.admin),
         ("tls.certs", a.tls.certs != b.tls.certs),
-        ("tls.generated_dir", a.tls.generated_dir != b.tls.generated_dir),
+        (
+            "tls.generated_dir",
+            a.tls.generated_dir != b.tls.generated_dir,
+        ),
         (
             "limits.keepalive_timeout_secs (the HTTP/2 idle timeout; HTTP/1.1 takes it now)",
             a.limits.keepalive_timeout_secs != b.limits.keepalive_timeout_secs,
