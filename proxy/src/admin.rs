@@ -26,11 +26,10 @@ pub struct Admin {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let (status, content_type, body) = match session.req_header().uri.path() {
-            "/metrics" => (
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.render().into_bytes(),
-            ),
+            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", {
+                self.built.load().refresh_gauges();
+                self.metrics.render().into_bytes()
+            }),
             "/healthz" => (
                 StatusCode::OK,
                 "application/json",

@@ -190,6 +190,10 @@ pub enum FilterConfig {
     Ip(IpFilterConfig),
     /// JSON Web Token validation.
     Jwt(Box<JwtFilterConfig>),
+    /// GCRA per key.
+    RateLimit(Box<crate::filters::rate_limit::RateLimitConfig>),
+    /// Cool-downs for clients that fail a login route too often.
+    LoginGuard(Box<crate::filters::login_guard::LoginGuardConfig>),
 }
 
 impl FilterConfig {
@@ -198,6 +202,8 @@ impl FilterConfig {
         match self {
             FilterConfig::Ip(c) => c.mode,
             FilterConfig::Jwt(c) => c.mode,
+            FilterConfig::RateLimit(c) => c.mode,
+            FilterConfig::LoginGuard(c) => c.mode,
         }
     }
 }
@@ -395,6 +401,10 @@ pub struct Route {
     /// (400) or `keep` (routed and sent upstream still encoded).
     #[serde(default)]
     pub encoded_separators: EncodedSeparators,
+    /// Whether answers carry the `RateLimit-Policy` and `RateLimit` fields of the route's
+    /// rate-limit policy closest to its limit (draft-ietf-httpapi-ratelimit-headers-10).
+    #[serde(default = "yes")]
+    pub ratelimit_headers: bool,
 }
 
 /// What a route does with a path that holds an encoded separator.
@@ -831,6 +841,26 @@ impl Config {
                 }
                 FilterConfig::Ip(_) => {}
                 FilterConfig::Jwt(jwt) => jwt.check(&format!("filters.{name}"), errors),
+                FilterConfig::RateLimit(_) | FilterConfig::LoginGuard(_) => {
+                    let problems = match f {
+                        FilterConfig::RateLimit(c) => c.check(),
+                        FilterConfig::LoginGuard(c) => c.check(),
+                        _ => Vec::new(),
+                    };
+                    for (k, m) in problems {
+                        errors.push(format!("filters.{name}.{k}"), m);
+                    }
+                    // The name is a metric label and a structured-field string in the headers.
+                    if !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+                    {
+                        errors.push(
+                            format!("filters.{name}"),
+                            "use letters, digits, _ and - in a rate-limit policy's name",
+                        );
+                    }
+                }
             }
         }
         let mut seen_names = std::collections::HashSet::new();
@@ -1093,7 +1123,7 @@ mod tests {
             "p.toml: upstreams.broken.colour: unknown field `colour`",
             "p.toml: filters.empty: an ip filter needs allow, deny or both",
             "p.toml: filters.typo: unknown field `alow`",
-            "p.toml: filters.alien.kind: unknown variant `teleport`, expected `ip` or `jwt`",
+            "p.toml: filters.alien.kind: unknown variant `teleport`, expected one of `ip`, `jwt`, `rate_limit`, `login_guard`",
             "p.toml: routes[0].name: use letters, digits",
             "p.toml: routes[0].path_prefix: must start with /",
             "p.toml: routes[0].upstream: no [upstreams.nope]",

@@ -58,6 +58,9 @@ pub struct Built {
     pub jwks: BTreeMap<keys::JwksSettings, Arc<keys::RemoteKeys>>,
     /// The metric families; a rebuild keeps the previous build's.
     pub metrics: metrics::Metrics,
+    /// Filter state kept across reloads (rate-limit tables, login-guard clients), by filter
+    /// name.
+    pub states: BTreeMap<String, filters::State>,
 }
 
 /// Reads, checks and builds the config at `path`; every error at once.
@@ -91,6 +94,7 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
     }
     let mut jwks = BTreeMap::new();
     let mut filters = BTreeMap::new();
+    let mut states = BTreeMap::new();
     for (name, c) in &config.filters {
         let remote = match c {
             config::FilterConfig::Jwt(j) => j.jwks_url.as_ref().map(|url| {
@@ -106,11 +110,15 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
                     .or_insert_with(|| remote_keys(settings, previous))
                     .clone()
             }),
-            config::FilterConfig::Ip(_) => None,
+            _ => None,
         };
-        match filters::build(c, remote, &metrics) {
-            Ok(f) => {
+        let kept = previous.and_then(|p| p.states.get(name));
+        match filters::build(name, c, remote, kept, &metrics) {
+            Ok((f, state)) => {
                 filters.insert(name.as_str(), (f, c));
+                if let Some(state) = state {
+                    states.insert(name.clone(), state);
+                }
             }
             Err(errs) => errors.extend(
                 errs.into_iter()
@@ -126,7 +134,8 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
         .iter()
         .map(|r| (r, routing::security_headers(&r.security_headers)))
         .map(|(r, (security_headers, hsts))| RouteEntry {
-            name: r.name.clone(),
+            name: Arc::from(r.name.as_str()),
+            ratelimit_headers: r.ratelimit_headers,
             host: r
                 .host
                 .as_deref()
@@ -161,6 +170,7 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
         pools,
         jwks,
         metrics,
+        states,
     })
 }
 
@@ -400,6 +410,26 @@ impl BackgroundService for CertReload {
 }
 
 impl Built {
+    /// Sets the gauges that are read off the filters' state rather than counted: keys in each
+    /// rate-limit table, clients cooling down in each login guard. Run before each scrape.
+    pub fn refresh_gauges(&self) {
+        let now = std::time::Instant::now();
+        for (name, state) in &self.states {
+            match state {
+                filters::State::RateLimit(p) => self
+                    .metrics
+                    .ratelimit_keys
+                    .with_label_values(&[name])
+                    .set(p.limiter.table().len() as i64),
+                filters::State::LoginGuard(g) => self
+                    .metrics
+                    .login_guard_cooling_down
+                    .with_label_values(&[name])
+                    .set(g.cooling_down(now) as i64),
+            }
+        }
+    }
+
     /// A one-line summary for `vigil check` and the startup log.
     pub fn summary(&self) -> String {
         let c = &self.config;

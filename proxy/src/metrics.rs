@@ -44,6 +44,16 @@ pub struct Metrics {
     pub jwks_keys: IntGaugeVec,
     /// `vigil_proxy_jwks_age_seconds{issuer}`
     pub jwks_age: GaugeVec,
+    /// `vigil_proxy_ratelimit_decisions_total{policy,result}` (allowed, limited, shadow_limited)
+    pub ratelimit_decisions: IntCounterVec,
+    /// `vigil_proxy_ratelimit_keys{policy}`: keys in the local table (set at scrape time)
+    pub ratelimit_keys: IntGaugeVec,
+    /// `vigil_proxy_ratelimit_evictions_total{policy}`
+    pub ratelimit_evictions: IntCounterVec,
+    /// `vigil_proxy_login_guard_cooldowns_total{policy}`: clients sent to cool down
+    pub login_guard_cooldowns: IntCounterVec,
+    /// `vigil_proxy_login_guard_cooling_down{policy}`: clients cooling down now (at scrape time)
+    pub login_guard_cooling_down: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -106,7 +116,38 @@ impl Metrics {
         )
         .expect("valid metric definition");
         reg(Box::new(jwks_age.clone()));
+        let gauges = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["policy"])
+                .expect("valid metric definition");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let ratelimit_keys = gauges(
+            "vigil_proxy_ratelimit_keys",
+            "Keys a rate-limit policy's local table holds now (at most its max_keys).",
+        );
+        let login_guard_cooling_down = gauges(
+            "vigil_proxy_login_guard_cooling_down",
+            "Clients a login guard refuses now, until their cool-down ends.",
+        );
         Self {
+            ratelimit_decisions: counter(
+                "vigil_proxy_ratelimit_decisions_total",
+                "Rate-limit decisions by policy and result (allowed, limited, shadow_limited).",
+                &["policy", "result"],
+            ),
+            ratelimit_keys,
+            ratelimit_evictions: counter(
+                "vigil_proxy_ratelimit_evictions_total",
+                "Keys a rate-limit policy forgot because its table was full (the least recently seen).",
+                &["policy"],
+            ),
+            login_guard_cooldowns: counter(
+                "vigil_proxy_login_guard_cooldowns_total",
+                "Clients a login guard sent to cool down after too many failed answers.",
+                &["policy"],
+            ),
+            login_guard_cooling_down,
             jwt_validations: counter(
                 "vigil_proxy_jwt_validations_total",
                 "Token checks by the jwt filter, by issuer and result (ok or the rejection reason).",

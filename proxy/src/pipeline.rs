@@ -110,6 +110,12 @@ pub struct RequestCtx {
     pub strip_headers: Vec<HeaderName>,
     /// Cookies, by name, filters keep from the upstream (a token cookie); the others go on.
     pub strip_cookies: Vec<String>,
+    /// The route's name (a rate-limit key can be per route).
+    pub route: Arc<str>,
+    /// The rate-limit policy closest to its limit, for the `RateLimit` fields.
+    pub ratelimit: Option<crate::filters::rate_limit::Standing>,
+    /// The rate-limit policy that limited the request (enforced or shadowed), for the log.
+    pub ratelimit_policy: Option<Arc<str>>,
     /// What was decided.
     pub decision: Decision,
     /// The stage and reason of the rejection (enforced or shadowed) that decided.
@@ -129,6 +135,9 @@ impl RequestCtx {
             upstream_headers: Vec::new(),
             strip_headers: Vec::new(),
             strip_cookies: Vec::new(),
+            route: Arc::from(""),
+            ratelimit: None,
+            ratelimit_policy: None,
             decision: Decision::Allow,
             stage: None,
             reason: None,

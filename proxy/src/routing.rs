@@ -9,7 +9,9 @@ use crate::pipeline::Pipeline;
 #[derive(Debug)]
 pub struct RouteEntry {
     /// The route's name: a metric label.
-    pub name: String,
+    pub name: std::sync::Arc<str>,
+    /// Whether answers carry the `RateLimit` fields.
+    pub ratelimit_headers: bool,
     /// Lower-cased host, if the route is bound to one.
     pub host: Option<String>,
     /// The path prefix.
@@ -78,27 +80,22 @@ impl RouteTable {
     }
 }
 
-/// The default `security_headers`, for the edge's answers before a route is known (404
-/// `no_route`, and requests refused before routing).
-pub fn default_security_headers() -> &'static (
+/// A route's security headers ready to insert, and its HSTS value (HTTPS only).
+pub type SecurityHeaderSet = (
     Vec<(http::HeaderName, http::HeaderValue)>,
     Option<http::HeaderValue>,
-) {
-    static DEFAULT: std::sync::OnceLock<(
-        Vec<(http::HeaderName, http::HeaderValue)>,
-        Option<http::HeaderValue>,
-    )> = std::sync::OnceLock::new();
+);
+
+/// The default `security_headers`, for the edge's answers before a route is known (404
+/// `no_route`, and requests refused before routing).
+pub fn default_security_headers() -> &'static SecurityHeaderSet {
+    static DEFAULT: std::sync::OnceLock<SecurityHeaderSet> = std::sync::OnceLock::new();
     DEFAULT.get_or_init(|| security_headers(&crate::config::SecurityHeaders::default()))
 }
 
 /// The header values a route's `security_headers` config stands for, computed once when the
 /// route is built rather than on every response. `referrer_policy` was checked at load.
-pub fn security_headers(
-    h: &crate::config::SecurityHeaders,
-) -> (
-    Vec<(http::HeaderName, http::HeaderValue)>,
-    Option<http::HeaderValue>,
-) {
+pub fn security_headers(h: &crate::config::SecurityHeaders) -> SecurityHeaderSet {
     use crate::config::FrameOptions;
     use http::{HeaderValue, header};
     let mut out = Vec::new();
@@ -174,6 +171,7 @@ mod tests {
             cors: None,
             compression_level: None,
             encoded_separators: Default::default(),
+            ratelimit_headers: true,
             metrics: crate::metrics::RouteMetrics::new(&crate::metrics::Metrics::new(), name, "u"),
         }
     }
@@ -190,7 +188,9 @@ mod tests {
 
     fn find(host: Option<&str>, path: &str) -> Option<String> {
         let host = host.map(normalize_host);
-        table().find(host.as_deref(), path).map(|r| r.name.clone())
+        table()
+            .find(host.as_deref(), path)
+            .map(|r| r.name.to_string())
     }
 
     #[test]

@@ -470,6 +470,7 @@ impl ProxyHttp for Edge {
             return self.respond(session, ctx, r).await;
         };
         ctx.route = Some(route.clone());
+        ctx.req.route = route.name.clone();
         if encoded_separator && route.encoded_separators == crate::config::EncodedSeparators::Reject
         {
             let r = Rejection::new(
@@ -720,6 +721,13 @@ impl ProxyHttp for Edge {
             for (k, v) in set.into_iter().flatten() {
                 headers.insert(k, v);
             }
+            if route.ratelimit_headers
+                && let Some(standing) = &ctx.req.ratelimit
+            {
+                for (k, v) in standing.headers() {
+                    headers.insert(k, v);
+                }
+            }
         })
     }
 
@@ -823,7 +831,7 @@ impl ProxyHttp for Edge {
             self.metrics.requests_in_flight.dec();
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let route = ctx.route.as_ref().map_or("unmatched", |r| r.name.as_str());
+        let route = ctx.route.as_ref().map_or("unmatched", |r| &*r.name);
         let req = session.req_header();
         let elapsed = ctx.started.elapsed();
         match &ctx.route {
@@ -889,7 +897,7 @@ impl ProxyHttp for Edge {
             stage,
             reason,
             waf_rule_ids: Vec::new(),
-            ratelimit_policy: "",
+            ratelimit_policy: ctx.req.ratelimit_policy.as_deref().unwrap_or(""),
             tls_version,
             user_agent,
         });

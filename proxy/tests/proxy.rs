@@ -35,6 +35,13 @@ async fn upstream() -> SocketAddr {
         )
         .route("/health", get(|| async { "ok" }))
         .route(
+            "/login/fail",
+            axum::routing::post(|| async {
+                (axum::http::StatusCode::UNAUTHORIZED, "wrong password")
+            }),
+        )
+        .route("/login/ok", axum::routing::post(|| async { "welcome" }))
+        .route(
             "/app/varied",
             get(|| async { ([("vary", "accept-encoding")], "varies") }),
         )
@@ -1249,6 +1256,196 @@ async fn the_edges_own_answers_over_https_carry_the_security_headers() {
         .unwrap();
     assert!(!r.headers().contains_key("strict-transport-security"));
     assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+}
+
+const LIMITED: &str = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+[filters.per_ip]
+kind = "rate_limit"
+rate_per_min = 60
+burst = 3
+[filters.per_key]
+kind = "rate_limit"
+rate_per_min = 60
+burst = 2
+key = "header:x-api-key"
+[filters.watch]
+kind = "rate_limit"
+rate_per_min = 1
+burst = 1
+mode = "shadow"
+[filters.guess]
+kind = "login_guard"
+failures = 3
+window_secs = 60
+cooldown_secs = 2
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+filters = ["per_ip"]
+[[routes]]
+name = "keyed"
+path_prefix = "/keyed/"
+upstream = "echo"
+filters = ["per_key"]
+[[routes]]
+name = "watched"
+path_prefix = "/watched/"
+upstream = "echo"
+filters = ["watch"]
+[[routes]]
+name = "login"
+path_prefix = "/login/"
+upstream = "echo"
+filters = ["guess"]
+ratelimit_headers = false
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_the_draft_fields_and_keep_their_state_across_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(LIMITED, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    let get = |path: &str| c.get(format!("{}{path}", edge.http)).send();
+    // A burst of 3, each answer saying what is left; the fourth is limited.
+    for left in [2, 1, 0] {
+        let r = get("/api/x").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["ratelimit-policy"], "\"per_ip\";q=3;w=3");
+        assert_eq!(
+            r.headers()["ratelimit"].to_str().unwrap(),
+            format!("\"per_ip\";r={left};t={}", 3 - left)
+        );
+    }
+    let (status, headers, body) = json(get("/api/x").await.unwrap()).await;
+    assert_rejection(
+        &(status, headers.clone(), body),
+        429,
+        "rate_limit",
+        "limited",
+    );
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["ratelimit"], "\"per_ip\";r=0;t=3");
+    let line = edge.log_line(|l| l["status"] == 429).await;
+    assert_eq!(
+        (line["ratelimit_policy"].as_str(), line["stage"].as_str()),
+        (Some("per_ip"), Some("rate_limit"))
+    );
+    assert_eq!(
+        edge.metric("vigil_proxy_ratelimit_decisions_total{policy=\"per_ip\",result=\"limited\"}"),
+        1.0
+    );
+    // A reload that leaves the policy as it was keeps its counts: still limited.
+    edge.rewrite(&format!(
+        "{LIMITED}\n[[routes]]\nname = \"extra\"\npath_prefix = \"/extra/\"\nupstream = \"echo\"\n"
+    ));
+    edge.reloader.reload().unwrap();
+    assert_eq!(
+        get("/api/x").await.unwrap().status(),
+        429,
+        "unchanged policy, same table"
+    );
+    // A changed policy starts fresh.
+    edge.rewrite(&LIMITED.replace("burst = 3", "burst = 5"));
+    edge.reloader.reload().unwrap();
+    assert_eq!(
+        get("/api/x").await.unwrap().status(),
+        200,
+        "a changed policy starts fresh"
+    );
+
+    // Keyed by a header: one key's exhaustion does not touch another's.
+    let keyed = |key: &'static str| {
+        c.get(format!("{}/keyed/x", edge.http))
+            .header("x-api-key", key)
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(keyed("a").await.unwrap().status(), 200);
+    }
+    assert_eq!(keyed("a").await.unwrap().status(), 429);
+    assert_eq!(
+        keyed("b").await.unwrap().status(),
+        200,
+        "another key is not limited"
+    );
+
+    // Shadow: counted and logged as limited, let through, no headers.
+    for _ in 0..3 {
+        let r = get("/watched/x").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(!r.headers().contains_key("ratelimit"));
+    }
+    assert_eq!(
+        edge.metric(
+            "vigil_proxy_ratelimit_decisions_total{policy=\"watch\",result=\"shadow_limited\"}"
+        ),
+        2.0
+    );
+    let line = edge
+        .log_line(|l| l["route"] == "watched" && l["decision"] == "shadow")
+        .await;
+    assert_eq!(line["ratelimit_policy"], "watch");
+    assert_eq!(line["status"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_guard_cools_down_a_client_that_keeps_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(LIMITED, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    let post = |path: &str| c.post(format!("{}{path}", edge.http)).send();
+    // Successes count nothing.
+    for _ in 0..5 {
+        assert_eq!(post("/login/ok").await.unwrap().status(), 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(post("/login/fail").await.unwrap().status(), 401);
+    }
+    let (status, headers, body) = json(post("/login/ok").await.unwrap()).await;
+    assert_rejection(
+        &(status, headers.clone(), body),
+        429,
+        "login_guard",
+        "cooling_down",
+    );
+    assert_eq!(headers["retry-after"], "2");
+    assert!(
+        !headers.contains_key("ratelimit"),
+        "ratelimit_headers = false"
+    );
+    let line = edge.log_line(|l| l["status"] == 429).await;
+    assert_eq!(
+        line["upstream_ms"],
+        Value::Null,
+        "the upstream was not called"
+    );
+    assert_eq!(
+        edge.metric("vigil_proxy_login_guard_cooldowns_total{policy=\"guess\"}"),
+        1.0
+    );
+    let gauge = reqwest::get(format!("{}/metrics", edge.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        gauge.contains("vigil_proxy_login_guard_cooling_down{policy=\"guess\"} 1"),
+        "{gauge}"
+    );
+    // After the cool-down the client is let in again (polled, bounded).
+    let mut status = 0;
+    for _ in 0..100 {
+        status = post("/login/ok").await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
 }
 
 const GUARDED: &str = r#"

@@ -71,17 +71,21 @@ async fn a_user_round_trip_works_and_survives_a_restart() {
         metrics.contains(r#"vigil_auth_logins_total{result="success"} 1"#),
         "{metrics}"
     );
-    // The edge counted exactly the auth calls this test made through it (register, login,
-    // refresh twice, logout).
+    // The edge counted exactly the auth calls this test made through it: on the auth route
+    // the register, the refresh and the logout (2xx) and the refresh after it (401); the login
+    // on its own, guarded route.
     let edge = reqwest::get(&stack.proxy_metrics_url)
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    let auth_posts =
-        r#"vigil_proxy_requests_total{method="POST",route="auth",status_class="2xx"} 4"#;
-    assert!(edge.contains(auth_posts), "{edge}");
+    for posts in [
+        r#"vigil_proxy_requests_total{method="POST",route="auth",status_class="2xx"} 3"#,
+        r#"vigil_proxy_requests_total{method="POST",route="login",status_class="2xx"} 1"#,
+    ] {
+        assert!(edge.contains(posts), "{edge}");
+    }
     // Plain HTTP is redirected to the same path on HTTPS.
     let r = stack
         .http()
@@ -683,4 +687,43 @@ async fn with_the_jwks_down_at_start_the_edge_answers_503_then_recovers() {
         .unwrap();
     let _ = stop_auth.send(());
     auth_task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_login_guard_cools_down_a_client_after_ten_real_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Running::start(dir.path()).await;
+    let anon = stack.client();
+    let (_alice, _) = anon.register_and_login("alice@example.com").await;
+    let wrong = json!({"email": "alice@example.com", "password": "not the password at all"});
+    // The auth service's own 401s, ten of them: each reaches it.
+    for _ in 0..10 {
+        let r = anon.call("POST", "/auth/login", Some(wrong.clone())).await;
+        assert_eq!(r.status, 401, "{}", r.body);
+    }
+    // The eleventh attempt, even with the right password, is refused at the edge.
+    let right = json!({"email": "alice@example.com", "password": PASSWORD});
+    let r = anon.call("POST", "/auth/login", Some(right)).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(
+        (r.body["stage"].as_str(), r.body["error"].as_str()),
+        (Some("login_guard"), Some("cooling_down"))
+    );
+    let line = stack
+        .access_log_line(|l| l["route"] == "login" && l["status"] == 429)
+        .await;
+    assert_eq!(
+        line["upstream_ms"],
+        serde_json::Value::Null,
+        "auth was not called"
+    );
+    assert_eq!(
+        stack
+            .proxy_metric("vigil_proxy_login_guard_cooldowns_total{policy=\"login\"}")
+            .await,
+        1.0
+    );
+    // Other routes are not affected by the login guard.
+    let r = anon.call("GET", "/.well-known/jwks.json", None).await;
+    assert_eq!(r.status, 200);
 }
