@@ -49,15 +49,30 @@ impl ServeHttp for Admin {
                     .filter(|k| k.keys().is_none())
                     .map(|k| k.settings.url.as_str())
                     .collect();
+                // Shared rate limits whose Redis is not answering: serving, on on_store_error.
+                let stores_down: Vec<&str> = built
+                    .states
+                    .iter()
+                    .filter(|(_, s)| match s {
+                        crate::filters::State::RateLimit(p) => {
+                            p.shared.as_ref().is_some_and(|s| !s.healthy())
+                        }
+                        crate::filters::State::LoginGuard(_) => false,
+                    })
+                    .map(|(name, _)| name.as_str())
+                    .collect();
                 if down.is_empty() && no_keys.is_empty() {
+                    let body = serde_json::json!({"status": "ok",
+                        "ratelimit_stores_unavailable": stores_down});
                     (
                         StatusCode::OK,
                         "application/json",
-                        br#"{"status":"ok"}"#.to_vec(),
+                        body.to_string().into_bytes(),
                     )
                 } else {
                     let body = serde_json::json!({"status": "not_ready",
-                        "upstreams_without_healthy_peers": down, "jwks_not_loaded": no_keys});
+                        "upstreams_without_healthy_peers": down, "jwks_not_loaded": no_keys,
+                        "ratelimit_stores_unavailable": stores_down});
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "application/json",

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub ratelimit_keys: IntGaugeVec,
     /// `vigil_proxy_ratelimit_evictions_total{policy}`
     pub ratelimit_evictions: IntCounterVec,
+    /// `vigil_proxy_ratelimit_store_errors_total{policy,kind}` (timeout, unavailable, error)
+    pub ratelimit_store_errors: IntCounterVec,
+    /// `vigil_proxy_ratelimit_fallbacks_total{policy,action}` (local, allow, deny)
+    pub ratelimit_fallbacks: IntCounterVec,
+    /// `vigil_proxy_ratelimit_store_duration_seconds{policy}`: one Redis decision
+    pub ratelimit_store_duration: HistogramVec,
     /// `vigil_proxy_login_guard_cooldowns_total{policy}`: clients sent to cool down
     pub login_guard_cooldowns: IntCounterVec,
     /// `vigil_proxy_login_guard_cooling_down{policy}`: clients cooling down now (at scrape time)
@@ -142,6 +148,29 @@ impl Metrics {
                 "Keys a rate-limit policy forgot because its table was full (the least recently seen).",
                 &["policy"],
             ),
+            ratelimit_store_errors: counter(
+                "vigil_proxy_ratelimit_store_errors_total",
+                "Shared rate-limit decisions Redis could not make, by policy and kind (timeout, unavailable, error).",
+                &["policy", "kind"],
+            ),
+            ratelimit_fallbacks: counter(
+                "vigil_proxy_ratelimit_fallbacks_total",
+                "Shared rate-limit decisions that fell back to on_store_error, by policy and action.",
+                &["policy", "action"],
+            ),
+            ratelimit_store_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "vigil_proxy_ratelimit_store_duration_seconds",
+                        "Time of one shared rate-limit decision in Redis (the round trip), by policy.",
+                    )
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025]),
+                    &["policy"],
+                )
+                .expect("valid metric definition");
+                reg(Box::new(h.clone()));
+                h
+            },
             login_guard_cooldowns: counter(
                 "vigil_proxy_login_guard_cooldowns_total",
                 "Clients a login guard sent to cool down after too many failed answers.",

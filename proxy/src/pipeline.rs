@@ -184,6 +184,20 @@ pub trait Filter: Send + Sync {
 
     /// Adds response headers (rate-limit headers, …).
     fn on_response(&self, _status: StatusCode, _ctx: &RequestCtx, _out: &mut HeaderEdits) {}
+
+    /// A filter whose decision needs a round trip (a rate limit shared through Redis) answers
+    /// through this instead of [`Filter::on_request`]; the pipeline awaits it in its place among
+    /// the stages. Every other filter stays synchronous.
+    fn remote(&self) -> Option<&dyn RemoteFilter> {
+        None
+    }
+}
+
+/// The request hook of a filter that must wait for another service, bounded by its own timeout.
+#[async_trait::async_trait]
+pub trait RemoteFilter: Send + Sync {
+    /// Like [`Filter::on_request`], awaited.
+    async fn on_request(&self, req: &Parts, ctx: &mut RequestCtx) -> Verdict;
 }
 
 /// A filter as a route uses it: its config name, the filter, and whether it is enforced.
@@ -226,8 +240,17 @@ impl Pipeline {
 
     /// Runs every filter's `on_request` in order. The first enforced rejection stops the
     /// pipeline and is returned (and recorded in `ctx`); shadowed ones are recorded and skipped.
-    pub fn on_request(&self, req: &Parts, ctx: &mut RequestCtx) -> Option<Rejection> {
-        self.decide(ctx, |f, ctx| f.on_request(req, ctx))
+    pub async fn on_request(&self, req: &Parts, ctx: &mut RequestCtx) -> Option<Rejection> {
+        for s in &self.stages {
+            let verdict = match s.filter.remote() {
+                Some(remote) => remote.on_request(req, ctx).await,
+                None => s.filter.on_request(req, ctx),
+            };
+            if let Some(r) = settle(s.mode, verdict, ctx) {
+                return Some(r);
+            }
+        }
+        None
     }
 
     /// Runs every filter's `on_request_body` on one chunk, like [`Self::on_request`].
@@ -255,17 +278,30 @@ impl Pipeline {
         mut run: impl FnMut(&dyn Filter, &mut RequestCtx) -> Verdict,
     ) -> Option<Rejection> {
         for s in &self.stages {
-            if let Verdict::Reject(r) = run(s.filter.as_ref(), ctx) {
-                match s.mode {
-                    Mode::Enforce => {
-                        ctx.reject(&r);
-                        return Some(r);
-                    }
-                    Mode::Shadow => ctx.shadow(&r),
-                }
+            let verdict = run(s.filter.as_ref(), ctx);
+            if let Some(r) = settle(s.mode, verdict, ctx) {
+                return Some(r);
             }
         }
         None
+    }
+}
+
+/// A stage's verdict as a decision: an enforced rejection stops the request; a shadowed one is
+/// recorded and the request goes on.
+fn settle(mode: Mode, verdict: Verdict, ctx: &mut RequestCtx) -> Option<Rejection> {
+    let Verdict::Reject(r) = verdict else {
+        return None;
+    };
+    match mode {
+        Mode::Enforce => {
+            ctx.reject(&r);
+            Some(r)
+        }
+        Mode::Shadow => {
+            ctx.shadow(&r);
+            None
+        }
     }
 }
 
@@ -315,6 +351,13 @@ pub fn cookies_without(headers: &HeaderMap, names: &[String]) -> Option<HeaderVa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
 
     struct Always(&'static str);
     impl Filter for Always {
@@ -393,7 +436,7 @@ mod tests {
             stage("b", after.clone(), Mode::Enforce),
         ]);
         let mut c = ctx();
-        let r = p.on_request(&parts(), &mut c).unwrap();
+        let r = block_on(p.on_request(&parts(), &mut c)).unwrap();
         assert_eq!((r.stage, r.reason), ("test", "first"));
         assert_eq!(
             (c.decision, c.stage, c.reason),
@@ -415,7 +458,7 @@ mod tests {
             stage("c", after.clone(), Mode::Enforce),
         ]);
         let mut c = ctx();
-        assert_eq!(p.on_request(&parts(), &mut c), None);
+        assert_eq!(block_on(p.on_request(&parts(), &mut c)), None);
         assert_eq!(
             (c.decision, c.reason),
             (Decision::Shadow, Some("would_block")),
@@ -432,7 +475,7 @@ mod tests {
         ]);
         let mut c = ctx();
         assert_eq!(
-            p.on_request(&parts(), &mut c).map(|r| r.reason),
+            block_on(p.on_request(&parts(), &mut c)).map(|r| r.reason),
             Some("enforced")
         );
         assert_eq!((c.decision, c.reason), (Decision::Reject, Some("enforced")));

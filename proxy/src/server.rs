@@ -502,7 +502,7 @@ impl ProxyHttp for Edge {
                 crate::cors::Preflight::Reject(r) => return self.respond(session, ctx, r).await,
             }
         }
-        if let Some(r) = route.pipeline.on_request(req, &mut ctx.req) {
+        if let Some(r) = route.pipeline.on_request(req, &mut ctx.req).await {
             return self.respond(session, ctx, r).await;
         }
         if let Some(level) = route.compression_level {

@@ -1448,6 +1448,277 @@ async fn the_login_guard_cools_down_a_client_that_keeps_failing() {
     assert_eq!(status, 200);
 }
 
+/// The Redis of the shared-store tests: `VIGIL_TEST_REDIS_URL` (set by `.ci/run`); `None`
+/// skips them when it is not set.
+fn test_redis() -> Option<String> {
+    let url = std::env::var("VIGIL_TEST_REDIS_URL").ok()?;
+    Some(url)
+}
+
+/// A policy name no earlier run used: shared counts live in Redis for their window.
+fn fresh_policy() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("shared_{}_{nanos}", std::process::id())
+}
+
+async fn redis_cmd(url: &str, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_script_matches_the_gcra_reference_table() {
+    let Some(url) = test_redis() else {
+        eprintln!("VIGIL_TEST_REDIS_URL is not set: skipped");
+        return;
+    };
+    use proxy::filters::rate_limit::{limiter::Decision, shared};
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/corpora/ratelimit/gcra_throttled_table.json"
+    );
+    let table: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let store = Arc::new(shared::SharedStore::new(
+        &fresh_policy(),
+        redis::Client::open(url.as_str()).unwrap(),
+        Duration::from_nanos(table["period_ns"].as_u64().unwrap()),
+        table["limit"].as_u64().unwrap() as u32,
+        Duration::from_secs(2),
+        &proxy::metrics::Metrics::new(),
+    ));
+    store.connect().await.unwrap();
+    // The table's times, from a base in microseconds (the script's unit).
+    let base = 1_000_000_000_000u64;
+    for row in table["cases"].as_array().unwrap() {
+        let at = base + row["now_ns"].as_u64().unwrap() / 1000;
+        let got = store
+            .decide(7, row["volume"].as_u64().unwrap() as u32, Some(at))
+            .await;
+        let retry = row["retry_ns"].as_i64().unwrap();
+        let want = shared::Outcome::Decided(Decision {
+            allowed: !row["limited"].as_bool().unwrap(),
+            remaining: row["remaining"].as_u64().unwrap() as u32,
+            reset: Duration::from_nanos(row["reset_ns"].as_u64().unwrap()),
+            retry_after: (retry >= 0).then(|| Duration::from_nanos(retry as u64)),
+        });
+        assert_eq!(got, want, "row {}", row["i"]);
+    }
+}
+
+fn shared_config(policy: &str, redis: &str, on_error: &str, timeout_ms: u64) -> String {
+    format!(
+        r#"
+[upstreams.echo]
+addrs = ["{{upstream}}"]
+[filters.{policy}]
+kind = "rate_limit"
+rate_per_min = 1
+burst = 20
+store = "redis"
+redis_url = "{redis}"
+on_store_error = "{on_error}"
+store_timeout_ms = {timeout_ms}
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+filters = ["{policy}"]
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_on_one_redis_enforce_one_combined_limit() {
+    let Some(url) = test_redis() else {
+        eprintln!("VIGIL_TEST_REDIS_URL is not set: skipped");
+        return;
+    };
+    let upstream = upstream().await;
+    let policy = fresh_policy();
+    let toml = shared_config(&policy, &url, "deny", 200);
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Edge::start(&toml, upstream, d1.path(), false).await;
+    let b = Edge::start(&toml, upstream, d2.path(), false).await;
+    let c = reqwest::Client::new();
+    // The first decision connects in the background; wait until Redis decides (bounded).
+    for edge in [&a, &b] {
+        let ready = format!("{}/readyz", edge.admin);
+        let mut connected = false;
+        for _ in 0..200 {
+            let _ = c.get(format!("{}/health", edge.http)).send().await;
+            let body: Value = c.get(&ready).send().await.unwrap().json().await.unwrap();
+            if body["ratelimit_stores_unavailable"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+                && edge.metric(&format!(
+                    "vigil_proxy_ratelimit_store_duration_seconds_count{{policy=\"{policy}\"}}"
+                )) > 0.0
+            {
+                connected = true;
+                break;
+            }
+            let _ = c.get(format!("{}/api/warm", edge.http)).send().await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(connected, "the proxy reached Redis");
+    }
+    // Start from a clean key: the warm-up requests above took cells.
+    let keys = redis_cmd(&url, &["KEYS", &format!("vigil:rl:{policy}:*")]).await;
+    if let redis::Value::Array(keys) = keys {
+        for k in keys {
+            if let redis::Value::BulkString(k) = k {
+                redis_cmd(&url, &["DEL", &String::from_utf8(k).unwrap()]).await;
+            }
+        }
+    }
+    // 60 requests, alternating between the two proxies: one burst of 20 between them (each
+    // alone would have let 20 through: 40).
+    let mut admitted = 0;
+    for i in 0..60 {
+        let edge = if i % 2 == 0 { &a } else { &b };
+        let status = c
+            .get(format!("{}/api/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status == 200 || status == 429, "{status}");
+        admitted += usize::from(status == 200);
+    }
+    assert!(
+        (18..=22).contains(&admitted),
+        "admitted {admitted}, one combined burst of 20"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_or_paused_redis_gives_the_fallback_within_the_timeout_and_recovers() {
+    let Some(url) = test_redis() else {
+        eprintln!("VIGIL_TEST_REDIS_URL is not set: skipped");
+        return;
+    };
+    let upstream = upstream().await;
+    let c = reqwest::Client::new();
+    // Nothing listens there: every decision falls back, and none waits.
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    let policy = fresh_policy();
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(
+        &shared_config(&policy, &dead, "local", 5),
+        upstream,
+        dir.path(),
+        false,
+    )
+    .await;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let r = c.get(format!("{}/api/x", edge.http)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "local fallback: within the local burst");
+        assert!(started.elapsed() < Duration::from_secs(2), "never a hang");
+    }
+    let series = |what: &str| format!("vigil_proxy_ratelimit_{what}");
+    assert!(
+        edge.metric(&series(&format!(
+            "fallbacks_total{{action=\"local\",policy=\"{policy}\"}}"
+        ))) >= 5.0
+    );
+    assert!(
+        edge.metric(&series(&format!(
+            "store_errors_total{{kind=\"unavailable\",policy=\"{policy}\"}}"
+        ))) >= 1.0
+    );
+    let ready: Value = c
+        .get(format!("{}/readyz", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["ratelimit_stores_unavailable"][0], policy.as_str());
+    drop(edge);
+
+    // A real Redis, paused: decisions time out (20 ms here) and deny, then recover.
+    let policy = fresh_policy();
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(
+        &shared_config(&policy, &url, "deny", 20),
+        upstream,
+        dir.path(),
+        false,
+    )
+    .await;
+    let mut status = 0;
+    for _ in 0..200 {
+        status = c
+            .get(format!("{}/api/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status, 200, "Redis decides once connected");
+    redis_cmd(&url, &["CLIENT", "PAUSE", "1500", "ALL"]).await;
+    let started = std::time::Instant::now();
+    let r = c.get(format!("{}/api/x", edge.http)).send().await.unwrap();
+    let took = started.elapsed();
+    let (status, headers, body) = json(r).await;
+    assert_rejection(
+        &(status, headers, body),
+        503,
+        "rate_limit",
+        "store_unavailable",
+    );
+    assert!(
+        took < Duration::from_millis(1000),
+        "answered within the timeout, not after the pause: {took:?}"
+    );
+    assert!(
+        edge.metric(&series(&format!(
+            "store_errors_total{{kind=\"timeout\",policy=\"{policy}\"}}"
+        ))) >= 1.0
+    );
+    // After the pause, Redis decides again without a restart (200, or 429 once the commands
+    // sent during the pause, which Redis runs when it wakes, have spent the burst).
+    let mut status = 0;
+    for _ in 0..200 {
+        status = c
+            .get(format!("{}/api/x", edge.http))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(status == 200 || status == 429, "recovered: {status}");
+    let ready: Value = c
+        .get(format!("{}/readyz", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["ratelimit_stores_unavailable"], serde_json::json!([]));
+}
+
 const GUARDED: &str = r#"
 [limits]
 header_read_timeout_ms = 1000

@@ -9,6 +9,7 @@
 //! (`crate::build` hands the previous [`Policy`] on).
 
 pub mod limiter;
+pub mod shared;
 pub mod table;
 
 use std::hash::{Hash, Hasher};
@@ -24,7 +25,7 @@ use serde::Deserialize;
 
 use crate::config::Mode;
 use crate::metrics::Metrics;
-use crate::pipeline::{Filter, Rejection, RequestCtx, Verdict};
+use crate::pipeline::{Filter, Rejection, RemoteFilter, RequestCtx, Verdict};
 
 /// `[filters.NAME] kind = "rate_limit"`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -56,6 +57,59 @@ pub struct RateLimitConfig {
     /// `enforce` or `shadow` (counted and logged as limited, let through).
     #[serde(default)]
     pub mode: Mode,
+    /// Where the counts live: `local` (this process) or `redis` (shared by every proxy on it).
+    #[serde(default)]
+    pub store: StoreKind,
+    /// The Redis URL (`redis://host:6379/0`), without a password.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// An environment variable holding the Redis URL (use it for one with a password).
+    #[serde(default)]
+    pub redis_url_env: Option<String>,
+    /// With `store = "redis"`, when Redis is down, slow or answers an error: `local` (decide
+    /// with this process's table), `allow` or `deny` (503). Must be chosen.
+    #[serde(default)]
+    pub on_store_error: Option<OnStoreError>,
+    /// Longest a Redis decision may take before `on_store_error` applies.
+    #[serde(default = "default_store_timeout")]
+    pub store_timeout_ms: u64,
+}
+
+/// Where a policy keeps its counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// This process's table.
+    #[default]
+    Local,
+    /// Redis, shared.
+    Redis,
+}
+
+/// What a shared policy does when its store cannot decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Decide with the local table, as if unshared.
+    Local,
+    /// Let the request through.
+    Allow,
+    /// Refuse it (503): fail closed.
+    Deny,
+}
+
+impl OnStoreError {
+    fn label(self) -> &'static str {
+        match self {
+            OnStoreError::Local => "local",
+            OnStoreError::Allow => "allow",
+            OnStoreError::Deny => "deny",
+        }
+    }
+}
+
+fn default_store_timeout() -> u64 {
+    5
 }
 
 fn default_ipv6_prefix() -> u8 {
@@ -100,7 +154,52 @@ impl RateLimitConfig {
         if self.ipv6_prefix > 128 {
             errors.push(("ipv6_prefix".into(), "must be at most 128".into()));
         }
+        if self.store == StoreKind::Redis {
+            if let Err((key, e)) = self.redis_client() {
+                errors.push((key.into(), e));
+            }
+            if self.on_store_error.is_none() {
+                errors.push((
+                    "on_store_error".into(),
+                    "choose local, allow or deny: what happens when Redis cannot decide".into(),
+                ));
+            }
+            if self.store_timeout_ms == 0 {
+                errors.push(("store_timeout_ms".into(), "must be at least 1".into()));
+            }
+        } else if self.redis_url.is_some() || self.redis_url_env.is_some() {
+            errors.push((
+                "store".into(),
+                "set store = \"redis\" to use a Redis URL".into(),
+            ));
+        }
         errors
+    }
+
+    /// The Redis client of a shared policy (no connection is made); errors name their key.
+    pub fn redis_client(&self) -> Result<redis::Client, (&'static str, String)> {
+        let (key, url) = match (&self.redis_url, &self.redis_url_env) {
+            (Some(url), None) => ("redis_url", url.clone()),
+            (None, Some(var)) => (
+                "redis_url_env",
+                std::env::var(var).map_err(|_| ("redis_url_env", format!("{var} is not set")))?,
+            ),
+            _ => {
+                return Err((
+                    "redis_url",
+                    "set exactly one of redis_url and redis_url_env".into(),
+                ));
+            }
+        };
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| (key, format!("not a Redis URL: {e}")))?;
+        if key == "redis_url" && client.get_connection_info().redis.password.is_some() {
+            return Err((
+                key,
+                "holds a password: put the URL in an environment variable and name it in redis_url_env".into(),
+            ));
+        }
+        Ok(client)
     }
 }
 
@@ -181,8 +280,10 @@ impl TryFrom<KeyInput> for KeySpec {
 pub struct Policy {
     /// The definition it was built from.
     pub config: RateLimitConfig,
-    /// Its GCRA and table.
+    /// Its GCRA and table (with a shared store: the `on_store_error = "local"` fallback).
     pub limiter: limiter::Limiter,
+    /// Its counts in Redis, when shared.
+    pub shared: Option<Arc<shared::SharedStore>>,
 }
 
 impl Policy {
@@ -200,8 +301,25 @@ impl Policy {
             return Err(errors);
         }
         let evictions = metrics.ratelimit_evictions.with_label_values(&[name]);
+        let shared = match config.store {
+            StoreKind::Local => None,
+            StoreKind::Redis => {
+                let client = config
+                    .redis_client()
+                    .map_err(|(k, e)| vec![(k.to_owned(), e)])?;
+                Some(Arc::new(shared::SharedStore::new(
+                    name,
+                    client,
+                    period,
+                    burst.get(),
+                    Duration::from_millis(config.store_timeout_ms),
+                    metrics,
+                )))
+            }
+        };
         Ok(Self {
             config: config.clone(),
+            shared,
             limiter: limiter::Limiter::new(
                 period,
                 burst,
@@ -271,6 +389,8 @@ pub struct RateLimitFilter {
     shadow: bool,
     allowed: IntCounter,
     limited: IntCounter,
+    /// `vigil_proxy_ratelimit_fallbacks_total{action}` of a shared policy.
+    fallbacks: Option<IntCounter>,
 }
 
 impl RateLimitFilter {
@@ -282,8 +402,14 @@ impl RateLimitFilter {
                 .ratelimit_decisions
                 .with_label_values(&[name, result])
         };
+        let fallbacks = policy.config.on_store_error.map(|a| {
+            metrics
+                .ratelimit_fallbacks
+                .with_label_values(&[name, a.label()])
+        });
         Self {
             name: Arc::from(name),
+            fallbacks,
             allowed: decisions("allowed"),
             limited: decisions(if shadow { "shadow_limited" } else { "limited" }),
             shadow,
@@ -343,16 +469,64 @@ impl Filter for RateLimitFilter {
     }
 
     fn on_request(&self, req: &Parts, ctx: &mut RequestCtx) -> Verdict {
-        let Some(key) = self.key(req, ctx) else {
-            return Verdict::Reject(Rejection::new(
-                StatusCode::UNAUTHORIZED,
-                "rate_limit",
-                "anonymous",
-                "this route is limited per caller: sign in",
-            ));
+        match self.key(req, ctx) {
+            Some(key) => self.answer(self.policy.limiter.check(key, 1), ctx),
+            None => anonymous(),
+        }
+    }
+
+    fn remote(&self) -> Option<&dyn RemoteFilter> {
+        self.policy
+            .shared
+            .is_some()
+            .then_some(self as &dyn RemoteFilter)
+    }
+}
+
+#[async_trait::async_trait]
+impl RemoteFilter for RateLimitFilter {
+    async fn on_request(&self, req: &Parts, ctx: &mut RequestCtx) -> Verdict {
+        let (Some(key), Some(store)) = (self.key(req, ctx), &self.policy.shared) else {
+            return anonymous();
         };
+        let d = match store.check(key).await {
+            shared::Outcome::Decided(d) => d,
+            shared::Outcome::Failed(_) => {
+                if let Some(c) = &self.fallbacks {
+                    c.inc();
+                }
+                match self.policy.config.on_store_error {
+                    Some(OnStoreError::Allow) => return Verdict::Continue,
+                    Some(OnStoreError::Deny) => {
+                        return Verdict::Reject(Rejection::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "rate_limit",
+                            "store_unavailable",
+                            "the rate limit cannot be checked now",
+                        ));
+                    }
+                    Some(OnStoreError::Local) | None => self.policy.limiter.check(key, 1),
+                }
+            }
+        };
+        self.answer(d, ctx)
+    }
+}
+
+/// The answer to an anonymous request on a policy keyed by subject that refuses them.
+fn anonymous() -> Verdict {
+    Verdict::Reject(Rejection::new(
+        StatusCode::UNAUTHORIZED,
+        "rate_limit",
+        "anonymous",
+        "this route is limited per caller: sign in",
+    ))
+}
+
+impl RateLimitFilter {
+    /// Records decision `d` and turns it into the verdict.
+    fn answer(&self, d: limiter::Decision, ctx: &mut RequestCtx) -> Verdict {
         let limiter = &self.policy.limiter;
-        let d = limiter.check(key, 1);
         let standing = Standing {
             policy: self.name.clone(),
             quota: limiter.burst(),
@@ -466,12 +640,12 @@ mod tests {
         let req = request(&[]);
         for left in [2, 1, 0] {
             let mut c = ctx("192.0.2.1", None);
-            assert_eq!(f.on_request(&req, &mut c), Verdict::Continue);
+            assert_eq!(Filter::on_request(&f, &req, &mut c), Verdict::Continue);
             let s = c.ratelimit.unwrap();
             assert_eq!((s.remaining, s.quota, s.window_secs), (left, 3, 3));
         }
         let mut c = ctx("192.0.2.1", None);
-        let Verdict::Reject(r) = f.on_request(&req, &mut c) else {
+        let Verdict::Reject(r) = Filter::on_request(&f, &req, &mut c) else {
             panic!("the fourth request is limited")
         };
         assert_eq!(
@@ -491,7 +665,7 @@ mod tests {
         assert_eq!(c.ratelimit_policy.as_deref(), Some("p"));
         // Another client is not limited by this one.
         assert_eq!(
-            f.on_request(&req, &mut ctx("192.0.2.2", None)),
+            Filter::on_request(&f, &req, &mut ctx("192.0.2.2", None)),
             Verdict::Continue
         );
     }
