@@ -9,6 +9,12 @@
 #   S3w    S1 + jwt (ES256), the same token again and again (the verified-token cache)
 #   S3c    S1 + jwt (ES256), a fresh token per request
 #   S3h    S1 + jwt (HS256), a fresh token per request
+#   S1k    S1 with an X-Client header cycling over 100 000 values, no filter
+#   S5     S1k + a rate-limit policy keyed by that header, its table holding 100 000 live keys
+#          (100 000 requests warm it up, uninstrumented, before the count); nothing is limited
+#   S5x    S1 + a policy that limits every request: the 429 path, no upstream hop
+#   S5r    S5 with the policy's counts in Redis (REDIS_URL, default redis://127.0.0.1:6379;
+#          the proxy's own instructions: the round trip's time is criterion's and run.sh's)
 #
 # Each proxy runs under `valgrind --tool=callgrind` against nginx (1 worker, the same small
 # JSON body as bench/run.sh); a Python client sends WARMUP requests on one keep-alive
@@ -20,7 +26,8 @@ cd "$(dirname "$0")/.."
 COUNT=${COUNT:-2000}
 WARMUP=${WARMUP:-200}
 PROFILE=${PROFILE:-perf}
-read -r -a targets <<<"${TARGETS:-floor floorm S1 S1t S3w S3c S3h}"
+read -r -a targets <<<"${TARGETS:-floor floorm S1 S1t S3w S3c S3h S1k S5 S5x S5r}"
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 . bench/common.sh
 need bench/callgrind.sh nginx valgrind callgrind_control python3
 bin=target/$PROFILE
@@ -36,18 +43,22 @@ head -1 "$work/es/tokens-0" >"$work/es-one"
 
 cat >"$work/client.py" <<'EOF'
 # client.py PORT PATH COUNT [TOKENS [OFFSET]]: COUNT GETs on one keep-alive connection, the i-th
-# with token OFFSET+i of TOKENS (round robin); every answer must be 200.
-import http.client, sys
+# with token OFFSET+i of TOKENS (round robin); every answer must be EXPECT (200). With KEYS=N,
+# the i-th also carries X-Client: c(i mod N).
+import http.client, os, sys
 port, path, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 tokens = open(sys.argv[4]).read().split() if len(sys.argv) > 4 else []
 offset = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+keys, expect = int(os.environ.get("KEYS", "0")), int(os.environ.get("EXPECT", "200"))
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for i in range(count):
     headers = {"Authorization": "Bearer " + tokens[(offset + i) % len(tokens)]} if tokens else {}
+    if keys:
+        headers["X-Client"] = f"c{(offset + i) % keys}"
     conn.request("GET", path, headers=headers)
     r = conn.getresponse()
     r.read()
-    if r.status != 200:
+    if r.status != expect and not (expect == 429 and offset + i == 0):
         sys.exit(f"request {i} to {path}: status {r.status}")
 EOF
 
@@ -77,10 +88,44 @@ issuer = "vigil-auth"
 audiences = ["vigil"]
 algorithms = ["HS256"]
 hmac_secrets = [{ file = "$work/hs/key", kid = "bench-hs" }]
+[filters.rl]
+kind = "rate_limit"
+rate_per_sec = 1000000
+burst = 1000000
+key = "header:x-client"
+max_keys = 100000
+[filters.rl429]
+kind = "rate_limit"
+rate_per_hour = 1
+burst = 1
+[filters.rlr]
+kind = "rate_limit"
+rate_per_sec = 1000000
+burst = 1000000
+key = "header:x-client"
+store = "redis"
+redis_url = "$REDIS_URL"
+on_store_error = "local"
+store_timeout_ms = 1000
 [[routes]]
 name = "bench"
 path_prefix = "/"
 upstream = "bench"
+[[routes]]
+name = "rl"
+path_prefix = "/rl/"
+upstream = "bench"
+filters = ["rl"]
+[[routes]]
+name = "rl429"
+path_prefix = "/rl429/"
+upstream = "bench"
+filters = ["rl429"]
+[[routes]]
+name = "rlr"
+path_prefix = "/rlr/"
+upstream = "bench"
+filters = ["rlr"]
 [[routes]]
 name = "es"
 path_prefix = "/es/"
@@ -93,7 +138,13 @@ upstream = "bench"
 filters = ["hs"]
 EOF
 
-declare -A PATHS=([floor]=/ [floorm]=/ [S1]=/ [S1t]=/ [S3w]=/es/ [S3c]=/es/ [S3h]=/hs/)
+declare -A PATHS=([floor]=/ [floorm]=/ [S1]=/ [S1t]=/ [S3w]=/es/ [S3c]=/es/ [S3h]=/hs/
+  [S1k]=/ [S5]=/rl/ [S5x]=/rl429/ [S5r]=/rlr/)
+# Per target: X-Client values cycled, the status every answer has, requests warming up
+# uninstrumented (filling the table) before the usual instrumented warm-up.
+declare -A KEYS_OF=([S1k]=100000 [S5]=100000 [S5r]=100000)
+declare -A EXPECT_OF=([S5x]=429)
+declare -A FILL=([S1k]=100000 [S5]=100000 [S5r]=100000)
 declare -A TOKENS=([S1t]="$work/es/tokens-0" [S3w]="$work/es-one" [S3c]="$work/es/tokens-0" [S3h]="$work/hs/tokens-0")
 declare -A IR
 for t in "${targets[@]}"; do
@@ -106,12 +157,19 @@ for t in "${targets[@]}"; do
   else
     cmd=("$bin/vigil" proxy --config "$work/proxy.toml" --threads 1)
   fi
+  fill=${FILL[$t]:-0}
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out.%p" \
+    --instr-atstart="$([ "$fill" -gt 0 ] && echo no || echo yes)" \
     "${cmd[@]}" >"$out/stdout" 2>"$out/stderr" &
   pid=$!
   wait_port "$port"
   tokens=()
   [ -n "${TOKENS[$t]:-}" ] && tokens=("${TOKENS[$t]}")
+  export KEYS=${KEYS_OF[$t]:-0} EXPECT=${EXPECT_OF[$t]:-200}
+  if [ "$fill" -gt 0 ]; then
+    python3 "$work/client.py" "$port" "${PATHS[$t]}" "$fill"
+    callgrind_control --instr=on "$pid" >/dev/null
+  fi
   python3 "$work/client.py" "$port" "${PATHS[$t]}" "$WARMUP" "${tokens[@]}" ${tokens:+0}
   callgrind_control --zero "$pid" >/dev/null
   python3 "$work/client.py" "$port" "${PATHS[$t]}" "$COUNT" "${tokens[@]}" ${tokens:+"$WARMUP"}
@@ -135,3 +193,11 @@ t, ir, floor, s1 = sys.argv[1], *map(float, sys.argv[2:])
 r = lambda a, b: f"{a / b:10.2f}" if b else "%10s" % "-"
 print(f"{t:<6} {ir:12.0f} {r(ir, floor)} {r(ir, s1)}")' "$t" "${IR[$t]}" "${IR[floor]:-0}" "${IR[S1]:-0}"
 done
+python3 - <<PY
+ir = {k: float(v) for k, v in [$(for t in "${targets[@]}"; do printf '("%s", "%s"),' "$t" "${IR[$t]}"; done)]}
+goals = []
+if {"S5", "S1k"} <= ir.keys(): goals.append(f"S5 over S1k {100 * (ir['S5'] / ir['S1k'] - 1):+.1f} % (<= 3 %, goal <= 1 %)")
+if {"S5r", "S1k"} <= ir.keys(): goals.append(f"[S5r over S1k {100 * (ir['S5r'] / ir['S1k'] - 1):+.1f} %, the proxy's side of Redis]")
+if {"S5x", "S1"} <= ir.keys(): goals.append(f"S1/S5x {ir['S1'] / ir['S5x']:.2f} (the 429 path's instructions; >= 1.5)")
+if goals: print("\nissue 11 goals: " + "   ".join(goals))
+PY

@@ -418,7 +418,7 @@ impl RateLimitFilter {
     }
 
     /// The request's key, hashed; `None` for an anonymous request that must be refused.
-    fn key(&self, req: &Parts, ctx: &RequestCtx) -> Option<u64> {
+    pub fn key(&self, req: &Parts, ctx: &RequestCtx) -> Option<u64> {
         let c = &self.policy.config;
         // `DefaultHasher::new()` has fixed keys: a key hashes alike in every process of this
         // build; the table's own map hashes again with random keys.
@@ -700,6 +700,22 @@ mod tests {
                 "rate_per_sec",
             ),
             ("rate_per_sec = 1\nburst = 0", "burst"),
+            (
+                "rate_per_sec = 1\nburst = 1\nstore = \"redis\"\nredis_url = \"not a url\"\non_store_error = \"local\"",
+                "redis_url",
+            ),
+            (
+                "rate_per_sec = 1\nburst = 1\nstore = \"redis\"\nredis_url = \"redis://:secret@127.0.0.1\"\non_store_error = \"local\"",
+                "redis_url",
+            ),
+            (
+                "rate_per_sec = 1\nburst = 1\nstore = \"redis\"\nredis_url = \"redis://127.0.0.1\"",
+                "on_store_error",
+            ),
+            (
+                "rate_per_sec = 1\nburst = 1\nredis_url = \"redis://127.0.0.1\"",
+                "store",
+            ),
         ] {
             let c: RateLimitConfig = toml::from_str(toml).unwrap();
             assert!(c.check().iter().any(|(k, _)| k == key), "{toml}");
