@@ -13,6 +13,11 @@
 #   S3w    S1 + jwt (ES256), 1,000 distinct tokens: the verified-token cache at work
 #   S3c    S1 + jwt (ES256), a fresh token per request: a signature check on every request
 #   S3h    S1 + jwt (HS256), a fresh token per request
+#   S1k    S1 with an X-Client header cycling over 100 000 values, no filter
+#   S5     S1k + a rate-limit policy keyed by that header: 100 000 live keys (the warm-up fills
+#          the table), nothing limited
+#   S5x    S1 + a policy that limits every request: the 429 path, no upstream hop
+#   S5r    S5 with the counts in Redis (REDIS_URL, default redis://127.0.0.1:6379)
 #
 # Method: the proxy under test pinned to CPU 0, the load generator and the upstream to CPU 1;
 # one worker thread each; RUNS rounds in which every target gets DURATION seconds flat out
@@ -36,7 +41,8 @@ LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
 FRESH_ES=${FRESH_ES:-150000}    # distinct ES256 tokens per load run (> S3c req/s x DURATION)
 FRESH_HS=${FRESH_HS:-300000}    # distinct HS256 tokens per load run (> S3h req/s x DURATION)
-read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S1t S3w S3c S3h}"
+read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S1t S3w S3c S3h S1k S5 S5x S5r}"
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 
 . bench/common.sh
 need bench/run.sh nginx wrk taskset python3
@@ -90,10 +96,43 @@ issuer = "vigil-auth"
 audiences = ["vigil"]
 algorithms = ["HS256"]
 hmac_secrets = [{ file = "$work/hs-fresh/key", kid = "bench-hs" }]
+[filters.rl]
+kind = "rate_limit"
+rate_per_sec = 1000000
+burst = 1000000
+key = "header:x-client"
+max_keys = 100000
+[filters.rl429]
+kind = "rate_limit"
+rate_per_hour = 1
+burst = 1
+[filters.rlr]
+kind = "rate_limit"
+rate_per_sec = 1000000
+burst = 1000000
+key = "header:x-client"
+store = "redis"
+redis_url = "$REDIS_URL"
+on_store_error = "local"
 [[routes]]
 name = "bench"
 path_prefix = "/"
 upstream = "bench"
+[[routes]]
+name = "rl"
+path_prefix = "/rl/"
+upstream = "bench"
+filters = ["rl"]
+[[routes]]
+name = "rl429"
+path_prefix = "/rl429/"
+upstream = "bench"
+filters = ["rl429"]
+[[routes]]
+name = "rlr"
+path_prefix = "/rlr/"
+upstream = "bench"
+filters = ["rlr"]
 [[routes]]
 name = "es_warm"
 path_prefix = "/es-warm/"
@@ -125,19 +164,31 @@ function request()
   return wrk.format("GET", nil, { ["Authorization"] = tokens[i] })
 end
 EOF
+cat >"$work/keys.lua" <<'EOF'
+-- Each request carries the next of 100 000 X-Client values, round robin.
+local i = 0
+function request()
+  i = i % 100000 + 1
+  return wrk.format("GET", nil, { ["X-Client"] = "c" .. i })
+end
+EOF
 worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
 declare -A PID=([S0]=$(worker_of upstream) [floor]=$floor_pid [floorm]=$floorm_pid [nginx]=$(worker_of proxy)
-  [S1]=$vigil_pid [S2]=$vigil_pid [S1t]=$vigil_pid [S3w]=$vigil_pid [S3c]=$vigil_pid [S3h]=$vigil_pid)
+  [S1]=$vigil_pid [S2]=$vigil_pid [S1t]=$vigil_pid [S3w]=$vigil_pid [S3c]=$vigil_pid [S3h]=$vigil_pid
+  [S1k]=$vigil_pid [S5]=$vigil_pid [S5x]=$vigil_pid [S5r]=$vigil_pid)
 declare -A URL=([S0]="http://127.0.0.1:$up/" [floor]="http://127.0.0.1:$flo/" [floorm]="http://127.0.0.1:$flm/"
   [nginx]="http://127.0.0.1:$ngx/" [S1]="http://127.0.0.1:$s1/" [S2]="https://127.0.0.1:$s2/"
   [S1t]="http://127.0.0.1:$s1/" [S3w]="http://127.0.0.1:$s1/es-warm/" [S3c]="http://127.0.0.1:$s1/es-fresh/"
-  [S3h]="http://127.0.0.1:$s1/hs-fresh/")
+  [S3h]="http://127.0.0.1:$s1/hs-fresh/" [S1k]="http://127.0.0.1:$s1/" [S5]="http://127.0.0.1:$s1/rl/"
+  [S5x]="http://127.0.0.1:$s1/rl429/" [S5r]="http://127.0.0.1:$s1/rlr/")
+declare -A KEYED=([S1k]=1 [S5]=1 [S5r]=1)
 declare -A TOKENS=([S1t]="$work/es-warm" [S3w]="$work/es-warm" [S3c]="$work/es-fresh" [S3h]="$work/hs-fresh")
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 load() { # TARGET DURATION RUN -> wrk output (RUN picks the token file: 0 is the warm-up)
   local args=("${URL[$1]}")
   [ -n "${TOKENS[$1]:-}" ] && args=(-s "$work/tokens.lua" "${URL[$1]}" -- "${TOKENS[$1]}/tokens-$3")
+  [ -n "${KEYED[$1]:-}" ] && args=(-s "$work/keys.lua" "${URL[$1]}")
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2s" "${args[@]}"
 }
 # run TARGET RUN -> "req_per_sec cpu_us_per_req"
@@ -148,7 +199,7 @@ run() {
   after=$(cpu_ticks "${PID[$1]}")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   secs=$(awk '/requests in/ {gsub("s,", "", $4); print $4}' <<<"$out")
-  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during the run:" >&2; grep "Non-2xx\|Socket errors" <<<"$out" >&2; fi
+  if [ "$1" != S5x ] && grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during the run:" >&2; grep "Non-2xx\|Socket errors" <<<"$out" >&2; fi
   python3 -c "import sys; r,s,t,hz=map(float,sys.argv[1:]); print(f'{r/s:.0f} {t/hz*1e6/r:.2f}')" "$reqs" "$secs" "$((after - before))" "$ticks"
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -174,7 +225,8 @@ print(get("hit"), get("miss"))' vigil-auth
 
 declare -A RPS CPU P50 P99 HIT RPS_RUNS CPU_RUNS HITS MISSES
 for t in "${targets[@]}"; do
-  load "$t" 2 0 >/dev/null # warm-up: connections, caches, TLS sessions
+  # warm-up: connections, caches, TLS sessions; the keyed targets fill their table (100 000 keys)
+  load "$t" "$([ -n "${KEYED[$t]:-}" ] && echo 8 || echo 2)" 0 >/dev/null
 done
 for i in $(seq "$RUNS"); do
   for t in "${targets[@]}"; do
@@ -224,4 +276,10 @@ if "S3c" in rps: goals.append(f"S3c {1e6 / cpu['S3c']:.0f} req per proxy CPU-sec
 if {"S1", "S3h"} <= rps.keys(): goals.append(f"S3h rps/S1 {rps['S3h']/rps['S1']:.2f} (>= 0.90)")
 if {"S1t", "S3h"} <= rps.keys(): goals.append(f"[S3h rps/S1t {rps['S3h']/rps['S1t']:.2f}]")
 if goals: print("issue 4 goals: " + "   ".join(goals))
+goals = []
+if {"S5", "S1k"} <= cpu.keys(): goals.append(f"S5 over S1k {100 * (cpu['S5'] / cpu['S1k'] - 1):+.1f} % cpu (<= 3 %, goal <= 1 %)")
+if {"S5", "S1"} <= cpu.keys(): goals.append(f"[S5 over S1 {100 * (cpu['S5'] / cpu['S1'] - 1):+.1f} %]")
+if {"S5r", "S1k"} <= cpu.keys(): goals.append(f"S5r over S1k {100 * (cpu['S5r'] / cpu['S1k'] - 1):+.1f} % cpu, rps/S1k {rps['S5r'] / rps['S1k']:.2f}")
+if {"S5x", "S1"} <= rps.keys(): goals.append(f"S5x rps/S1 {rps['S5x'] / rps['S1']:.2f} (>= 1.5)")
+if goals: print("issue 11 goals: " + "   ".join(goals))
 PY

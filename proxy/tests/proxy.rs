@@ -2715,3 +2715,38 @@ upstream = "echo"
     );
     assert_eq!(r.headers()["x-frame-options"], "DENY");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_keyed_limit_isolates_callers_behind_one_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    let secret = b"a secret of at least thirty-two bytes, for HS256".to_vec();
+    std::fs::write(&secret_file, &secret).unwrap();
+    let toml = format!(
+        "{}\n[filters.per_caller]\nkind = \"rate_limit\"\nrate_per_hour = 1\nburst = 2\nkey = \"subject\"\n\n[[routes]]\nname = \"limited\"\npath_prefix = \"/limited/\"\nupstream = \"echo\"\nfilters = [\"auth\", \"per_caller\"]\n",
+        JWT.replace("{secret}", &secret_file.display().to_string())
+    );
+    let edge = Edge::start(&toml, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    let call = |token: String| {
+        c.get(format!("{}/limited/x", edge.http))
+            .bearer_auth(token)
+            .send()
+    };
+    // Both callers come from 127.0.0.1: the key is who they are, set by the jwt filter before.
+    for _ in 0..2 {
+        assert_eq!(
+            call(hs256(&secret, "alice", "user"))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let r = call(hs256(&secret, "alice", "user")).await.unwrap();
+    assert_eq!(r.status(), 429, "alice spent her burst");
+    assert_eq!(r.headers()["ratelimit"], "\"per_caller\";r=0;t=7200");
+    let r = call(hs256(&secret, "bob", "user")).await.unwrap();
+    assert_eq!(r.status(), 200, "bob is not limited by alice");
+    assert_eq!(r.headers()["ratelimit"], "\"per_caller\";r=1;t=3600");
+}
