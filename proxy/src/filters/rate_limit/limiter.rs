@@ -73,15 +73,20 @@ impl<C: Clock + Clone> Limiter<C> {
     /// Takes `cells` for `key` if it can; `cells = 0` only looks.
     pub fn check(&self, key: u64, cells: u32) -> Decision {
         let result = NonZeroU32::new(cells).map(|n| self.limiter.check_key_n(&key, n));
+        let measured = matches!(result, Some(Ok(_)));
         let now = self.clock.now().duration_since(self.start);
         let (allowed, retry_after) = match result {
             None | Some(Ok(Ok(()))) => (true, None),
             Some(Ok(Err(not_until))) => (false, Some(not_until.wait_time_from(self.clock.now()))),
             Some(Err(_insufficient)) => (false, None),
         };
-        let reset: Duration = self
-            .table
-            .arrival(key)
+        // The key's arrival time as the decision left it (a look only when nothing was taken).
+        let tat = if measured {
+            super::table::last_arrival()
+        } else {
+            self.table.arrival(key)
+        };
+        let reset: Duration = tat
             .map_or(Nanos::from(0), |tat| tat.saturating_sub(now))
             .into();
         let full = self.period * self.burst;

@@ -330,15 +330,35 @@ impl Policy {
     }
 }
 
+/// A policy's fixed part of the draft-10 fields, made once per policy.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fields {
+    /// The policy's name (letters, digits, `_` and `-`: a valid structured-field string).
+    pub name: Arc<str>,
+    /// Its burst (`q`).
+    pub quota: u32,
+    /// `RateLimit-Policy: "NAME";q=Q;w=W` (`w`: seconds a whole burst takes to come back).
+    policy: HeaderValue,
+}
+
+impl Fields {
+    /// The fields of policy `name`: `quota` requests per `window_secs`.
+    pub fn new(name: &str, quota: u32, window_secs: u64) -> Arc<Self> {
+        let policy = HeaderValue::from_str(&format!("\"{name}\";q={quota};w={window_secs}"))
+            .unwrap_or(HeaderValue::from_static("\"invalid\""));
+        Arc::new(Self {
+            name: Arc::from(name),
+            quota,
+            policy,
+        })
+    }
+}
+
 /// What the `RateLimit` fields say about a request: the policy closest to its limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Standing {
-    /// The policy's name.
-    pub policy: Arc<str>,
-    /// Its burst (`q`) and the time a burst takes to come back (`w`, seconds).
-    pub quota: u32,
-    /// See `quota`.
-    pub window_secs: u64,
+    /// The policy.
+    pub fields: Arc<Fields>,
     /// Requests left now (`r`).
     pub remaining: u32,
     /// Seconds until the key is back to a full burst (`t`).
@@ -348,29 +368,28 @@ pub struct Standing {
 impl Standing {
     /// Whether `self` is closer to its limit than `other`: the smaller share left.
     fn closer_than(&self, other: &Standing) -> bool {
-        u64::from(self.remaining) * u64::from(other.quota)
-            < u64::from(other.remaining) * u64::from(self.quota)
+        u64::from(self.remaining) * u64::from(other.fields.quota)
+            < u64::from(other.remaining) * u64::from(self.fields.quota)
     }
 
     /// `RateLimit-Policy` and `RateLimit` (draft-10 structured fields).
     pub fn headers(&self) -> [(HeaderName, HeaderValue); 2] {
-        let value = |s: String| {
-            HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("\"invalid\""))
-        };
+        let mut ints = itoa::Buffer::new();
+        let mut value = Vec::with_capacity(self.fields.name.len() + 24);
+        value.push(b'"');
+        value.extend_from_slice(self.fields.name.as_bytes());
+        value.extend_from_slice(b"\";r=");
+        value.extend_from_slice(ints.format(self.remaining).as_bytes());
+        value.extend_from_slice(b";t=");
+        value.extend_from_slice(ints.format(self.reset_secs).as_bytes());
         [
             (
                 HeaderName::from_static("ratelimit-policy"),
-                value(format!(
-                    "\"{}\";q={};w={}",
-                    self.policy, self.quota, self.window_secs
-                )),
+                self.fields.policy.clone(),
             ),
             (
                 HeaderName::from_static("ratelimit"),
-                value(format!(
-                    "\"{}\";r={};t={}",
-                    self.policy, self.remaining, self.reset_secs
-                )),
+                HeaderValue::from_bytes(&value).unwrap_or(HeaderValue::from_static("\"invalid\"")),
             ),
         ]
     }
@@ -385,6 +404,9 @@ fn ceil_secs(d: Duration) -> u64 {
 #[derive(Debug)]
 pub struct RateLimitFilter {
     name: Arc<str>,
+    /// The name hashed once: every key of this policy starts from it.
+    seed: u64,
+    fields: Arc<Fields>,
     policy: Arc<Policy>,
     shadow: bool,
     allowed: IntCounter,
@@ -407,8 +429,15 @@ impl RateLimitFilter {
                 .ratelimit_fallbacks
                 .with_label_values(&[name, a.label()])
         });
+        let limiter = &policy.limiter;
         Self {
             name: Arc::from(name),
+            seed: {
+                let mut h = std::hash::DefaultHasher::new();
+                name.hash(&mut h);
+                h.finish()
+            },
+            fields: Fields::new(name, limiter.burst(), ceil_secs(limiter.window())),
             fallbacks,
             allowed: decisions("allowed"),
             limited: decisions(if shadow { "shadow_limited" } else { "limited" }),
@@ -423,7 +452,7 @@ impl RateLimitFilter {
         // `DefaultHasher::new()` has fixed keys: a key hashes alike in every process of this
         // build; the table's own map hashes again with random keys.
         let mut h = std::hash::DefaultHasher::new();
-        self.name.hash(&mut h);
+        h.write_u64(self.seed);
         for part in &c.key.0 {
             match part {
                 Key::ClientIp => client_bits(ctx.client_ip, c.ipv6_prefix).hash(&mut h),
@@ -528,9 +557,7 @@ impl RateLimitFilter {
     fn answer(&self, d: limiter::Decision, ctx: &mut RequestCtx) -> Verdict {
         let limiter = &self.policy.limiter;
         let standing = Standing {
-            policy: self.name.clone(),
-            quota: limiter.burst(),
-            window_secs: ceil_secs(limiter.window()),
+            fields: self.fields.clone(),
             remaining: d.remaining,
             reset_secs: ceil_secs(d.reset),
         };
@@ -540,6 +567,7 @@ impl RateLimitFilter {
             self.limited.inc();
             ctx.ratelimit_policy = Some(self.name.clone());
         }
+        let fields = (!d.allowed).then(|| standing.headers());
         // A shadowed policy changes nothing the client sees, headers included.
         if !self.shadow
             && ctx
@@ -547,11 +575,11 @@ impl RateLimitFilter {
                 .as_ref()
                 .is_none_or(|s| standing.closer_than(s))
         {
-            ctx.ratelimit = Some(standing.clone());
+            ctx.ratelimit = Some(standing);
         }
-        if d.allowed {
+        let Some(fields) = fields else {
             return Verdict::Continue;
-        }
+        };
         let wait = ceil_secs(d.retry_after.unwrap_or(limiter.window())).max(1);
         let mut r = Rejection::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -561,7 +589,7 @@ impl RateLimitFilter {
         );
         r.headers
             .push((http::header::RETRY_AFTER, HeaderValue::from(wait)));
-        r.headers.extend(standing.headers());
+        r.headers.extend(fields);
         Verdict::Reject(r)
     }
 }
@@ -642,7 +670,8 @@ mod tests {
             let mut c = ctx("192.0.2.1", None);
             assert_eq!(Filter::on_request(&f, &req, &mut c), Verdict::Continue);
             let s = c.ratelimit.unwrap();
-            assert_eq!((s.remaining, s.quota, s.window_secs), (left, 3, 3));
+            assert_eq!((s.remaining, s.fields.quota), (left, 3));
+            assert_eq!(s.headers()[0].1, "\"p\";q=3;w=3");
         }
         let mut c = ctx("192.0.2.1", None);
         let Verdict::Reject(r) = Filter::on_request(&f, &req, &mut c) else {
@@ -673,16 +702,12 @@ mod tests {
     #[test]
     fn the_closest_policy_describes_the_request() {
         let a = Standing {
-            policy: "a".into(),
-            quota: 100,
-            window_secs: 2,
+            fields: Fields::new("a", 100, 2),
             remaining: 10,
             reset_secs: 1,
         };
         let b = Standing {
-            policy: "b".into(),
-            quota: 5,
-            window_secs: 5,
+            fields: Fields::new("b", 5, 5),
             remaining: 4,
             reset_secs: 1,
         };

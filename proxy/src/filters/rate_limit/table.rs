@@ -18,6 +18,17 @@ use prometheus::IntCounter;
 
 const SHARDS: usize = 16;
 
+thread_local! {
+    /// The arrival time the last decision on this thread left its key with (`None`: a fresh
+    /// key that was refused), read by [`last_arrival`] so the limiter need not look again.
+    static LAST: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// The arrival time the last decision made on this thread left its key with.
+pub fn last_arrival() -> Option<Nanos> {
+    LAST.get().map(Nanos::from)
+}
+
 /// Keys' arrival times, bounded.
 #[derive(Debug)]
 pub struct Table {
@@ -89,8 +100,10 @@ impl StateStore for Table {
     {
         let mut shard = self.shard(*key);
         // `get` marks the key seen, limited or not.
-        let old = shard.get(key).copied().map(Nanos::from);
-        let (outcome, next) = f(old)?;
+        let old = shard.get(key).copied();
+        LAST.set(old);
+        let (outcome, next) = f(old.map(Nanos::from))?;
+        LAST.set(Some(next.as_u64()));
         if let Some((evicted, _)) = shard.push(*key, next.as_u64())
             && evicted != *key
         {
