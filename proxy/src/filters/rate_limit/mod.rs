@@ -51,7 +51,7 @@ pub struct RateLimitConfig {
     /// With a `subject` key: a request without one is keyed by its `client_ip` or refused.
     #[serde(default)]
     pub anonymous: Anonymous,
-    /// Keys remembered at most; past it the least recently seen is forgotten.
+    /// Keys remembered at most; past it a key not seen recently is forgotten (CLOCK).
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
     /// `enforce` or `shadow` (counted and logged as limited, let through).
@@ -432,11 +432,7 @@ impl RateLimitFilter {
         let limiter = &policy.limiter;
         Self {
             name: Arc::from(name),
-            seed: {
-                let mut h = std::hash::DefaultHasher::new();
-                name.hash(&mut h);
-                h.finish()
-            },
+            seed: xxhash_rust::xxh3::xxh3_64(name.as_bytes()),
             fields: Fields::new(name, limiter.burst(), ceil_secs(limiter.window())),
             fallbacks,
             allowed: decisions("allowed"),
@@ -449,10 +445,9 @@ impl RateLimitFilter {
     /// The request's key, hashed; `None` for an anonymous request that must be refused.
     pub fn key(&self, req: &Parts, ctx: &RequestCtx) -> Option<u64> {
         let c = &self.policy.config;
-        // `DefaultHasher::new()` has fixed keys: a key hashes alike in every process of this
-        // build; the table's own map hashes again with random keys.
-        let mut h = std::hash::DefaultHasher::new();
-        h.write_u64(self.seed);
+        // XXH3 seeded with the policy's name: a key hashes alike in every process and every
+        // build (a shared store needs that); the table's own map hashes again with random keys.
+        let mut h = xxhash_rust::xxh3::Xxh3::with_seed(self.seed);
         for part in &c.key.0 {
             match part {
                 Key::ClientIp => client_bits(ctx.client_ip, c.ipv6_prefix).hash(&mut h),
