@@ -63,3 +63,45 @@ start_upstream() {
     "location / { default_type application/json; return 200 '{\"ok\":true,\"service\":\"bench\",\"items\":[1,2,3]}'; }"
   start_nginx upstream "${2:-}"
 }
+
+# ratelimit_toml REDIS_URL UPSTREAM: the rate-limit scenarios' filters and routes. /rl/ keys by
+# the X-Client header and never limits (100 000 keys at most), /rl429/ limits every request
+# after the first, /rlr/ is /rl/ with its counts in Redis.
+ratelimit_toml() {
+  cat <<EOF
+[filters.rl]
+kind = "rate_limit"
+rate_per_sec = 1000000
+burst = 1000000
+key = "header:x-client"
+max_keys = 100000
+[filters.rl429]
+kind = "rate_limit"
+rate_per_hour = 1
+burst = 1
+[filters.rlr]
+kind = "rate_limit"
+rate_per_sec = 1000000
+burst = 1000000
+key = "header:x-client"
+store = "redis"
+redis_url = "$1"
+on_store_error = "local"
+store_timeout_ms = 1000
+[[routes]]
+name = "rl"
+path_prefix = "/rl/"
+upstream = "$2"
+filters = ["rl"]
+[[routes]]
+name = "rl429"
+path_prefix = "/rl429/"
+upstream = "$2"
+filters = ["rl429"]
+[[routes]]
+name = "rlr"
+path_prefix = "/rlr/"
+upstream = "$2"
+filters = ["rlr"]
+EOF
+}

@@ -96,43 +96,11 @@ issuer = "vigil-auth"
 audiences = ["vigil"]
 algorithms = ["HS256"]
 hmac_secrets = [{ file = "$work/hs-fresh/key", kid = "bench-hs" }]
-[filters.rl]
-kind = "rate_limit"
-rate_per_sec = 1000000
-burst = 1000000
-key = "header:x-client"
-max_keys = 100000
-[filters.rl429]
-kind = "rate_limit"
-rate_per_hour = 1
-burst = 1
-[filters.rlr]
-kind = "rate_limit"
-rate_per_sec = 1000000
-burst = 1000000
-key = "header:x-client"
-store = "redis"
-redis_url = "$REDIS_URL"
-on_store_error = "local"
 [[routes]]
 name = "bench"
 path_prefix = "/"
 upstream = "bench"
-[[routes]]
-name = "rl"
-path_prefix = "/rl/"
-upstream = "bench"
-filters = ["rl"]
-[[routes]]
-name = "rl429"
-path_prefix = "/rl429/"
-upstream = "bench"
-filters = ["rl429"]
-[[routes]]
-name = "rlr"
-path_prefix = "/rlr/"
-upstream = "bench"
-filters = ["rlr"]
+$(ratelimit_toml "$REDIS_URL" bench)
 [[routes]]
 name = "es_warm"
 path_prefix = "/es-warm/"

@@ -279,6 +279,19 @@ fn request_host(req: &RequestHeader) -> Option<String> {
         .map(|h| normalize_host(h).into_owned())
 }
 
+/// Replaces the request's path with `path`, keeping the query and, for an absolute target
+/// (HTTP/2, absolute-form), the scheme and authority; `None` when the result is no URI.
+fn set_path(req: &mut RequestHeader, path: String) -> Option<()> {
+    let target = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri.clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(target).ok()?);
+    req.set_uri(http::Uri::from_parts(parts).ok()?);
+    Some(())
+}
+
 /// Whether a response's `Vary` already covers `Origin` (or everything, `*`).
 fn varies_on_origin(headers: &http::HeaderMap) -> bool {
     headers
@@ -420,31 +433,16 @@ impl ProxyHttp for Edge {
             return self.respond(session, ctx, r).await;
         };
         let encoded_separator = path.encoded_separator;
-        if let std::borrow::Cow::Owned(path) = path.path {
-            let up = session.req_header_mut();
-            let target = match up.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
-            };
-            let mut parts = up.uri.clone().into_parts();
-            let rewritten = http::uri::PathAndQuery::try_from(target)
-                .ok()
-                .and_then(|pq| {
-                    parts.path_and_query = Some(pq);
-                    http::Uri::from_parts(parts).ok()
-                });
-            match rewritten {
-                Some(uri) => up.set_uri(uri),
-                None => {
-                    let r = Rejection::new(
-                        StatusCode::BAD_REQUEST,
-                        "protocol",
-                        "invalid_path",
-                        "the request path cannot be normalised",
-                    );
-                    return self.respond(session, ctx, r).await;
-                }
-            }
+        if let std::borrow::Cow::Owned(path) = path.path
+            && set_path(session.req_header_mut(), path).is_none()
+        {
+            let r = Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "protocol",
+                "invalid_path",
+                "the request path cannot be normalised",
+            );
+            return self.respond(session, ctx, r).await;
         }
         let req = session.req_header();
         if req.headers.len() > limits.max_headers || header_size(req) > limits.max_header_bytes {

@@ -1656,21 +1656,12 @@ async fn an_unreachable_or_paused_redis_gives_the_fallback_within_the_timeout_an
         false,
     )
     .await;
-    let mut status = 0;
-    for _ in 0..200 {
-        status = c
-            .get(format!("{}/api/x", edge.http))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(status, 200, "Redis decides once connected");
+    let url_x = format!("{}/api/x", edge.http);
+    assert_eq!(
+        status_soon(&c, &url_x, 200).await,
+        200,
+        "Redis decides once connected"
+    );
     redis_cmd(&url, &["CLIENT", "PAUSE", "1500", "ALL"]).await;
     let started = std::time::Instant::now();
     let r = c.get(format!("{}/api/x", edge.http)).send().await.unwrap();

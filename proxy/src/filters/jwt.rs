@@ -1103,21 +1103,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_verified_token_is_remembered_until_it_expires_or_its_keys_change() {
-        let ed = Signer::ed25519("k1");
-        let remote = Arc::new(RemoteKeys::new(keys::JwksSettings {
+    /// A JWKS source that never fetches (the tests install its key sets), keys usable for
+    /// `max_stale_secs` after the last install.
+    fn remote_keys(max_stale_secs: u64) -> Arc<RemoteKeys> {
+        Arc::new(RemoteKeys::new(keys::JwksSettings {
             issuer: "vigil-auth".into(),
             url: "http://127.0.0.1:1/jwks".into(),
             refresh: std::time::Duration::from_secs(300),
             min_refresh: std::time::Duration::from_secs(5),
             timeout: std::time::Duration::from_secs(1),
-            max_stale: std::time::Duration::from_secs(86_400),
-        }));
-        let jwks = |signers: &[&Signer]| {
-            let keys: Vec<_> = signers.iter().map(|s| s.jwk.clone()).collect();
-            keys::from_jwks(json!({ "keys": keys }).to_string().as_bytes(), false).unwrap()
-        };
+            max_stale: std::time::Duration::from_secs(max_stale_secs),
+        }))
+    }
+
+    /// The key set of `signers`' public keys.
+    fn jwks(signers: &[&Signer]) -> keys::Jwks {
+        let keys: Vec<_> = signers.iter().map(|s| s.jwk.clone()).collect();
+        keys::from_jwks(json!({ "keys": keys }).to_string().as_bytes(), false).unwrap()
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_until_it_expires_or_its_keys_change() {
+        let ed = Signer::ed25519("k1");
+        let remote = remote_keys(86_400);
         let metrics = Metrics::new();
         let f = JwtFilter::with_keys(
             &config(&["EdDSA"]),
@@ -1168,18 +1176,8 @@ mod tests {
     #[test]
     fn a_cached_verification_obeys_the_key_sets_staleness() {
         let ed = Signer::ed25519("k1");
-        let remote = Arc::new(RemoteKeys::new(keys::JwksSettings {
-            issuer: "vigil-auth".into(),
-            url: "http://127.0.0.1:1/jwks".into(),
-            refresh: std::time::Duration::from_secs(300),
-            min_refresh: std::time::Duration::from_secs(5),
-            timeout: std::time::Duration::from_secs(1),
-            max_stale: std::time::Duration::from_secs(60),
-        }));
-        let keys: Vec<_> = vec![ed.jwk.clone()];
-        remote.install(
-            keys::from_jwks(json!({ "keys": keys }).to_string().as_bytes(), false).unwrap(),
-        );
+        let remote = remote_keys(60);
+        remote.install(jwks(&[&ed]));
         let f = JwtFilter::with_keys(
             &config(&["EdDSA"]),
             KeySet::default(),
