@@ -5,6 +5,7 @@
 //! - `vigil check proxy.toml` checks a proxy config without binding anything.
 //! - `vigil auth [--config FILE] [run|check|create-user|rotate-keys]` runs or administers the
 //!   auth service.
+//! - `vigil waf test|rules` explains the WAF's decisions and lists its rules (`waf_cli`).
 //!
 //! Logs are JSON lines on stdout (`RUST_LOG` filters them); command results and errors go to
 //! stderr, so a script can keep the two apart.
@@ -15,6 +16,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+
+mod waf_cli;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -50,6 +53,11 @@ enum Command {
     Check {
         /// proxy.toml
         config: PathBuf,
+    },
+    /// The WAF: explain a decision (`test`), list the rules (`rules`).
+    Waf {
+        #[command(subcommand)]
+        action: waf_cli::WafAction,
     },
     /// The auth and content service.
     Auth {
@@ -129,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("{}: ok ({})", config.display(), built.summary());
             Ok(())
         }
+        Command::Waf { action } => waf_cli::run(action),
         Command::Auth { config, action } => {
             let config = load_auth_config(config.as_deref())?;
             match action.unwrap_or(AuthAction::Run) {

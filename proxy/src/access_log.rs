@@ -26,7 +26,7 @@ pub enum Sink {
 }
 
 /// The fields of every access-log line, in the order they are written: the log contract.
-pub const FIELDS: [&str; 23] = [
+pub const FIELDS: [&str; 24] = [
     "ts",
     "level",
     "service",
@@ -47,6 +47,7 @@ pub const FIELDS: [&str; 23] = [
     "stage",
     "reason",
     "waf_rule_ids",
+    "waf_score",
     "ratelimit_policy",
     "tls_version",
     "user_agent",
@@ -95,6 +96,8 @@ pub struct Line<'a> {
     pub reason: &'a str,
     /// WAF rules that matched.
     pub waf_rule_ids: Vec<u32>,
+    /// The WAF's anomaly score (0 where it did not run or found nothing).
+    pub waf_score: u32,
     /// The rate-limit policy that decided, if any.
     pub ratelimit_policy: &'a str,
     /// `1.2`, `1.3`, or empty for plain HTTP.
@@ -283,6 +286,8 @@ impl Line<'_> {
             out.extend_from_slice(ints.format(*id).as_bytes());
         }
         out.push(b']');
+        out.extend_from_slice(b",\"waf_score\":");
+        out.extend_from_slice(ints.format(self.waf_score).as_bytes());
         escaped(out, "ratelimit_policy", self.ratelimit_policy);
         raw(out, "tls_version", self.tls_version);
         escaped(out, "user_agent", self.user_agent);
@@ -432,6 +437,7 @@ mod tests {
             stage: "",
             reason: "",
             waf_rule_ids: Vec::new(),
+            waf_score: 0,
             ratelimit_policy: "",
             tls_version: "",
             user_agent: "curl",
@@ -440,6 +446,7 @@ mod tests {
         sink.write(&Line {
             upstream_ms: Some(2.25),
             waf_rule_ids: vec![942100, 941100],
+            waf_score: 10,
             user_agent: "ua with \\ and \u{1}",
             ..line("/b\"quoted\"")
         });
@@ -456,6 +463,7 @@ mod tests {
             lines[1]["waf_rule_ids"],
             serde_json::json!([942100, 941100])
         );
+        assert_eq!(lines[1]["waf_score"], 10);
         assert_eq!(lines[0]["upstream_ms"], serde_json::Value::Null);
         assert_eq!(lines[0]["client_ip"], "192.0.2.1");
         assert_eq!(lines[0]["duration_ms"], 1.5);

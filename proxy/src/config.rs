@@ -177,8 +177,10 @@ pub enum HealthCheckKind {
 pub enum Mode {
     /// Reject what the policy rejects.
     #[default]
+    #[serde(alias = "block")]
     Enforce,
     /// Let it through, but log and count it as `decision = shadow`.
+    #[serde(alias = "detect")]
     Shadow,
 }
 
@@ -194,6 +196,8 @@ pub enum FilterConfig {
     RateLimit(Box<crate::filters::rate_limit::RateLimitConfig>),
     /// Cool-downs for clients that fail a login route too often.
     LoginGuard(Box<crate::filters::login_guard::LoginGuardConfig>),
+    /// The WAF engine over the request and its body.
+    Waf(Box<crate::filters::waf::WafConfig>),
 }
 
 impl FilterConfig {
@@ -204,6 +208,7 @@ impl FilterConfig {
             FilterConfig::Jwt(c) => c.mode,
             FilterConfig::RateLimit(c) => c.mode,
             FilterConfig::LoginGuard(c) => c.mode,
+            FilterConfig::Waf(c) => c.mode,
         }
     }
 }
@@ -839,7 +844,8 @@ impl Config {
                         "an ip filter needs allow, deny or both",
                     );
                 }
-                FilterConfig::Ip(_) => {}
+                // The pack, paranoia and exclusions are checked when the engine is built.
+                FilterConfig::Ip(_) | FilterConfig::Waf(_) => {}
                 FilterConfig::Jwt(jwt) => jwt.check(&format!("filters.{name}"), errors),
                 FilterConfig::RateLimit(_) | FilterConfig::LoginGuard(_) => {
                     let problems = match f {

@@ -4,8 +4,8 @@
 //! the bounded stage/reason pairs of rejections. Never a raw path, address or user id.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric of the proxy.
@@ -56,6 +56,10 @@ pub struct Metrics {
     pub ratelimit_fallbacks: IntCounterVec,
     /// `vigil_proxy_ratelimit_store_duration_seconds{policy}`: one Redis decision
     pub ratelimit_store_duration: HistogramVec,
+    /// `vigil_proxy_waf_rule_matches_total{rule_id,category,mode}`
+    pub waf_rule_matches: IntCounterVec,
+    /// `vigil_proxy_waf_inspection_duration_seconds`: one request's inspection
+    pub waf_inspection_duration: Histogram,
     /// `vigil_proxy_login_guard_cooldowns_total{policy}`: clients sent to cool down
     pub login_guard_cooldowns: IntCounterVec,
     /// `vigil_proxy_login_guard_cooling_down{policy}`: clients cooling down now (at scrape time)
@@ -166,6 +170,26 @@ impl Metrics {
                     )
                     .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025]),
                     &["policy"],
+                )
+                .expect("valid metric definition");
+                reg(Box::new(h.clone()));
+                h
+            },
+            waf_rule_matches: counter(
+                "vigil_proxy_waf_rule_matches_total",
+                "WAF rules that matched a request, by rule, category and mode (block or detect).",
+                &["rule_id", "category", "mode"],
+            ),
+            waf_inspection_duration: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "vigil_proxy_waf_inspection_duration_seconds",
+                        "Time the WAF took to inspect one request (head and body).",
+                    )
+                    .buckets(vec![
+                        0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
+                        0.0025, 0.01,
+                    ]),
                 )
                 .expect("valid metric definition");
                 reg(Box::new(h.clone()));

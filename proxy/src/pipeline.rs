@@ -116,6 +116,12 @@ pub struct RequestCtx {
     pub ratelimit: Option<crate::filters::rate_limit::Standing>,
     /// The rate-limit policy that limited the request (enforced or shadowed), for the log.
     pub ratelimit_policy: Option<Arc<str>>,
+    /// The request body read before the upstream was chosen, when a filter asked for it.
+    pub body: Option<bytes::Bytes>,
+    /// Whether `body` is only the first part of a longer body.
+    pub body_truncated: bool,
+    /// What the WAF found, for the log.
+    pub waf: Option<Arc<WafOutcome>>,
     /// What was decided.
     pub decision: Decision,
     /// The stage and reason of the rejection (enforced or shadowed) that decided.
@@ -138,6 +144,9 @@ impl RequestCtx {
             route: Arc::from(""),
             ratelimit: None,
             ratelimit_policy: None,
+            body: None,
+            body_truncated: false,
+            waf: None,
             decision: Decision::Allow,
             stage: None,
             reason: None,
@@ -160,6 +169,33 @@ impl RequestCtx {
     }
 }
 
+/// What the WAF found in a request: the rules that matched and the score they add up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WafOutcome {
+    pub rule_ids: Vec<u32>,
+    pub score: u32,
+}
+
+/// What a body longer than a filter's limit gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverLimit {
+    /// 413, before the upstream sees anything.
+    #[default]
+    Reject,
+    /// The first `limit` bytes are inspected and the whole body is forwarded, when it fits
+    /// what the edge can hold back (64 KiB); a longer one is answered 413.
+    InspectPrefix,
+}
+
+/// A filter's wish to see the body before the upstream is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyNeed {
+    /// Bytes to read at most.
+    pub limit: usize,
+    pub over_limit: OverLimit,
+}
+
 /// Header changes a filter asks for on the response.
 #[derive(Debug, Default)]
 pub struct HeaderEdits {
@@ -171,6 +207,12 @@ pub struct HeaderEdits {
 pub trait Filter: Send + Sync {
     /// The filter's kind (`ip`, `jwt`, …): the `stage` of its rejections.
     fn kind(&self) -> &'static str;
+
+    /// Whether the filter needs the body of `req` (up to a limit) in [`RequestCtx::body`]
+    /// before its `on_request` runs; the server then reads it before choosing the upstream.
+    fn body(&self, _req: &Parts) -> Option<BodyNeed> {
+        None
+    }
 
     /// Sees the request head before anything is sent upstream.
     fn on_request(&self, _req: &Parts, _ctx: &mut RequestCtx) -> Verdict {
@@ -236,6 +278,24 @@ impl Pipeline {
     /// The stages, in order.
     pub fn stages(&self) -> &[Stage] {
         &self.stages
+    }
+
+    /// How much of the body the route's filters need before they run: the largest limit, and
+    /// `reject` past it if any of them says so.
+    pub fn body_need(&self, req: &Parts) -> Option<BodyNeed> {
+        self.stages
+            .iter()
+            .filter_map(|s| s.filter.body(req))
+            .reduce(|a, b| BodyNeed {
+                limit: a.limit.max(b.limit),
+                over_limit: if a.over_limit == OverLimit::Reject
+                    || b.over_limit == OverLimit::Reject
+                {
+                    OverLimit::Reject
+                } else {
+                    OverLimit::InspectPrefix
+                },
+            })
     }
 
     /// Runs every filter's `on_request` in order. The first enforced rejection stops the

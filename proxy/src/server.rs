@@ -25,7 +25,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::Built;
 use crate::guard::HeaderDeadline;
 use crate::metrics::{Metrics, method_label, status_class};
-use crate::pipeline::{Decision, Rejection, RequestCtx};
+use crate::pipeline::{BodyNeed, Decision, OverLimit, Rejection, RequestCtx};
 use crate::routing::{RouteEntry, normalize_host};
 
 /// The proxy: the current config (swapped whole on reload), the pools and the metrics.
@@ -500,6 +500,12 @@ impl ProxyHttp for Edge {
                 crate::cors::Preflight::Reject(r) => return self.respond(session, ctx, r).await,
             }
         }
+        if let Some(need) = route.pipeline.body_need(req)
+            && let Err(r) = read_body(session, need, declared, &mut ctx.req).await
+        {
+            return self.respond(session, ctx, r).await;
+        }
+        let req = session.req_header();
         if let Some(r) = route.pipeline.on_request(req, &mut ctx.req).await {
             return self.respond(session, ctx, r).await;
         }
@@ -894,7 +900,13 @@ impl ProxyHttp for Edge {
             decision: ctx.req.decision.as_str(),
             stage,
             reason,
-            waf_rule_ids: Vec::new(),
+            waf_rule_ids: ctx
+                .req
+                .waf
+                .as_ref()
+                .map(|w| w.rule_ids.clone())
+                .unwrap_or_default(),
+            waf_score: ctx.req.waf.as_ref().map_or(0, |w| w.score),
             ratelimit_policy: ctx.req.ratelimit_policy.as_deref().unwrap_or(""),
             tls_version,
             user_agent,
@@ -925,6 +937,62 @@ fn defer<T>(ctx: &mut Ctx, r: Rejection) -> Result<T> {
     ctx.req.reject(&r);
     ctx.pending = Some(r);
     Error::e_explain(ErrorType::HTTPStatus(code), "decided by the edge")
+}
+
+/// Reads the body (up to `need.limit`) before the upstream is chosen, into `ctx.body`, so
+/// that a filter refusing the request keeps all of it from the upstream. Pingora keeps what is
+/// read here (up to 64 KiB) and replays it to the upstream, then streams the rest; a read that
+/// outgrew that buffer lost bytes, so that body cannot be forwarded whole and is answered 413.
+async fn read_body(
+    session: &mut Session,
+    need: BodyNeed,
+    declared: Option<u64>,
+    ctx: &mut crate::pipeline::RequestCtx,
+) -> Result<(), Rejection> {
+    let limit = need.limit as u64;
+    let fits = crate::filters::waf::MAX_BODY_LIMIT as u64;
+    if declared.is_some_and(|n| n > limit && (need.over_limit == OverLimit::Reject || n > fits)) {
+        return Err(body_too_large_to_inspect());
+    }
+    session.enable_retry_buffering();
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > need.limit {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "request",
+                    "bad_body",
+                    format!("the request body could not be read: {}", e.etype().as_str()),
+                ));
+            }
+        }
+    }
+    let over = body.len() > need.limit;
+    if over && (need.over_limit == OverLimit::Reject || session.retry_buffer_truncated()) {
+        return Err(body_too_large_to_inspect());
+    }
+    // What is still unread streams on after the replayed part, uninspected.
+    body.truncate(need.limit);
+    ctx.body_truncated = over;
+    ctx.body = Some(body.freeze());
+    Ok(())
+}
+
+fn body_too_large_to_inspect() -> Rejection {
+    Rejection::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "limits",
+        "body_too_large",
+        "the request body is larger than this route inspects",
+    )
 }
 
 fn body_too_large() -> Rejection {

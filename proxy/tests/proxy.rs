@@ -2741,3 +2741,297 @@ async fn a_subject_keyed_limit_isolates_callers_behind_one_address() {
     assert_eq!(r.status(), 200, "bob is not limited by alice");
     assert_eq!(r.headers()["ratelimit"], "\"per_caller\";r=1;t=3600");
 }
+
+/// What the counting upstream has seen: connections, and body bytes over all requests.
+#[derive(Default)]
+struct Seen {
+    connections: std::sync::atomic::AtomicUsize,
+    body_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// An upstream that counts connections and body bytes, and answers each request with the
+/// length of the body it received (`{"body_bytes": N}`).
+async fn counting_upstream() -> (SocketAddr, Arc<Seen>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counts.connections.fetch_add(1, SeqCst);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let chunked = head.contains("transfer-encoding: chunked");
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                        .unwrap_or(0);
+                    let start = end + 4;
+                    let body_len = loop {
+                        let body = &buf[start..];
+                        if chunked && body.ends_with(b"0\r\n\r\n") {
+                            break decode_chunked(body).len();
+                        }
+                        if !chunked && body.len() >= len {
+                            break len;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    };
+                    counts.body_bytes.fetch_add(body_len, SeqCst);
+                    let consumed = if chunked { buf.len() } else { start + len };
+                    buf.drain(..consumed);
+                    let reply = format!("{{\"body_bytes\":{body_len}}}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                        reply.len()
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn decode_chunked(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..eol]).unwrap_or("0").trim(), 16)
+                .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&body[eol + 2..eol + 2 + size]);
+        body = &body[eol + 4 + size..];
+    }
+    out
+}
+
+const WAF: &str = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+health_check = { kind = "tcp", interval_ms = 60000 }
+
+[filters.waf]
+kind = "waf"
+body_limit = 1024
+
+[filters.waf_prefix]
+kind = "waf"
+body_limit = 16
+over_limit = "inspect_prefix"
+
+[filters.waf_detect]
+kind = "waf"
+mode = "detect"
+
+[[routes]]
+name = "guarded"
+path_prefix = "/"
+upstream = "echo"
+filters = ["waf"]
+
+[[routes]]
+name = "prefix"
+path_prefix = "/prefix/"
+upstream = "echo"
+filters = ["waf_prefix"]
+
+[[routes]]
+name = "detect"
+path_prefix = "/detect/"
+upstream = "echo"
+filters = ["waf_detect"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waf_refuses_attacks_before_the_upstream_sees_a_byte() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, seen) = counting_upstream().await;
+    let edge = Edge::start(WAF, up, dir.path(), false).await;
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let url = |p: &str| format!("{}{p}", edge.http);
+    let before = seen.connections.load(SeqCst);
+    let attacks = [
+        c.get(url("/search?q=1%27%20or%20%271%27%3D%271")),
+        c.post(url("/items"))
+            .header("content-type", "application/json")
+            .body(r#"{"name":"x","bio":"<script>alert(document.cookie)</script>"}"#),
+        c.post(url("/items"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("id=1 union select password from users--"),
+    ];
+    for req in attacks {
+        let (status, headers, body) = json(req.send().await.unwrap()).await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["stage"], "waf");
+        assert!(
+            ["sqli", "xss", "anomaly_score"].contains(&body["error"].as_str().unwrap()),
+            "{body}"
+        );
+        assert!(body["request_id"].is_string());
+        assert_eq!(headers["content-type"], "application/json");
+    }
+    // Chunked: the edge reads the body whole before it decides.
+    let addr = edge.http.trim_start_matches("http://");
+    let chunked = b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n{\"q\":\"1' or \r\n8\r\n'1'='1\"}\r\n0\r\n\r\n";
+    let (status, body) = raw_request(addr, chunked).await;
+    assert_eq!(
+        (status, body["stage"].clone()),
+        (403, Value::from("waf")),
+        "{body}"
+    );
+    // A body over the route's limit is refused too, and never reaches the upstream.
+    let (status, _, body) = json(
+        c.post(url("/items"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"pad":"{}"}}"#, "a".repeat(2000)))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["reason"].clone()), (413, Value::Null));
+    assert_eq!(body["error"], "body_too_large");
+    assert_eq!(
+        seen.connections.load(SeqCst),
+        before,
+        "the upstream saw a connection"
+    );
+    assert_eq!(
+        seen.body_bytes.load(SeqCst),
+        0,
+        "the upstream saw body bytes"
+    );
+    let line = edge
+        .log_line(|l| l["status"] == 403 && l["path"] == "/items")
+        .await;
+    assert_eq!(line["stage"], "waf");
+    assert!(line["waf_score"].as_u64().unwrap() >= 5, "{line}");
+    assert!(
+        !line["waf_rule_ids"].as_array().unwrap().is_empty(),
+        "{line}"
+    );
+
+    // Ordinary API traffic passes, body and all.
+    let prose = serde_json::json!({
+        "title": "Release notes",
+        "content": "Select the plan you want from the list, then update your profile. Mail a.b@example.com or see https://example.com/docs?page=2&lang=en.\n\n## Usage\n\n```\nls -la /tmp\n```\n",
+        "tags": ["sql", "how-to"],
+    })
+    .to_string();
+    let (status, _, body) = json(
+        c.post(url("/items"))
+            .header("content-type", "application/json")
+            .body(prose.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["body_bytes"], prose.len());
+    // A type the WAF does not inspect streams through.
+    let png = "<script>alert(1)</script>".repeat(100);
+    let (status, _, body) = json(
+        c.post(url("/upload"))
+            .header("content-type", "image/png")
+            .body(png.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["body_bytes"].clone()),
+        (200, Value::from(png.len()))
+    );
+
+    // inspect_prefix: the first 16 bytes are inspected, the whole body is forwarded.
+    let long = format!("{{\"a\":\"{}\"}}", "b".repeat(3000));
+    let (status, _, body) = json(
+        c.post(url("/prefix/x"))
+            .header("content-type", "application/json")
+            .body(long.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["body_bytes"].clone()),
+        (200, Value::from(long.len()))
+    );
+    let (status, _, _) = json(
+        c.post(url("/prefix/x"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "q=<script>alert(1)</script>&pad={}",
+                "c".repeat(3000)
+            ))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // detect: let through, logged as shadow with the rules, counted with mode="detect".
+    let r = c
+        .get(url("/detect/?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let line = edge.log_line(|l| l["route"] == "detect").await;
+    assert_eq!(
+        (line["decision"].clone(), line["stage"].clone()),
+        ("shadow".into(), "waf".into())
+    );
+    assert!(
+        line["waf_rule_ids"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from(941100)),
+        "{line}"
+    );
+    let text = reqwest::get(format!("{}/metrics", edge.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("vigil_proxy_waf_rule_matches_total{category=\"xss\",mode=\"detect\",rule_id=\"941100\"}"),
+        "{text}"
+    );
+    assert!(text.contains("vigil_proxy_waf_inspection_duration_seconds_count"));
+    assert!(
+        edge.metric(r#"vigil_proxy_rejections_total{reason="sqli",route="guarded",stage="waf"}"#)
+            >= 2.0,
+        "{text}"
+    );
+}

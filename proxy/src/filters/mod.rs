@@ -5,6 +5,7 @@ pub mod ip;
 pub mod jwt;
 pub mod login_guard;
 pub mod rate_limit;
+pub mod waf;
 
 use std::sync::Arc;
 
@@ -65,5 +66,6 @@ pub fn build(
             let filter = login_guard::LoginGuard::new(name, clients.clone(), metrics);
             (Arc::new(filter), Some(State::LoginGuard(clients)))
         }
+        FilterConfig::Waf(c) => (Arc::new(waf::WafFilter::new(c, metrics)?), None),
     })
 }
