@@ -302,6 +302,48 @@ fn varies_on_origin(headers: &http::HeaderMap) -> bool {
         .any(|t| t.eq_ignore_ascii_case(b"origin") || t == b"*")
 }
 
+/// What Pingora's parser lets through that an edge must not forward: a request target with
+/// white space or control bytes, an HTTP/1.1 request without `Host`, and a transfer coding
+/// other than `chunked` (the upstream might frame it otherwise). Pingora itself already refuses
+/// duplicate or unparsable `Content-Length`, bad header names, obs-fold and NULs, and answers a
+/// `Content-Length` beside `Transfer-Encoding` by dropping the length (RFC 9112 §6.3) and
+/// closing the connection after the request (ARCHITECTURE.md, protocol enforcement).
+fn framing_violation(req: &RequestHeader) -> Option<Rejection> {
+    let refuse = |reason, message| {
+        Some(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "protocol",
+            reason,
+            message,
+        ))
+    };
+    if req.raw_path().iter().any(|&b| b <= b' ' || b == 0x7f) {
+        return refuse(
+            "invalid_request_target",
+            "the request target holds white space or a control byte",
+        );
+    }
+    if req.version == http::Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
+        return refuse("missing_host", "an HTTP/1.1 request needs a Host header");
+    }
+    let te: Vec<&[u8]> = req
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .collect();
+    let only_chunked = matches!(te.as_slice(), [one] if one.eq_ignore_ascii_case(b"chunked"));
+    if !te.is_empty() && !only_chunked {
+        return refuse(
+            "unsupported_transfer_encoding",
+            "the only transfer coding the edge takes is chunked",
+        );
+    }
+    None
+}
+
 /// Whether the request's `Connection` header is one Pingora's sanitiser accepts (it refuses the
 /// request otherwise, after the upstream is chosen, as an error of the edge's): fewer than 10
 /// options, each an HTTP token (RFC 9110 §5.6.2), none naming a header the edge sets itself.
@@ -411,6 +453,9 @@ impl ProxyHttp for Edge {
                 "invalid_path",
                 "the request path is not valid UTF-8",
             );
+            return self.respond(session, ctx, r).await;
+        }
+        if let Some(r) = framing_violation(req) {
             return self.respond(session, ctx, r).await;
         }
         if !connection_header_ok(&req.headers) {

@@ -1199,6 +1199,37 @@ async fn client_mistakes_in_framing_are_400s_with_the_json_body() {
         assert_eq!(body["error"], reason, "{raw:?}");
         assert!(body["request_id"].is_string());
     }
+    // What Pingora's parser lets through and the edge refuses itself (stage `protocol`).
+    for (raw, reason) in [
+        ("GET /api/x HTTP/1.1\r\n\r\n", "missing_host"),
+        (
+            "POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "unsupported_transfer_encoding",
+        ),
+    ] {
+        let (status, body) = raw_request(&addr, raw.as_bytes()).await;
+        assert_eq!(
+            (status, body["stage"].as_str()),
+            (400, Some("protocol")),
+            "{raw:?}: {body}"
+        );
+        assert_eq!(body["error"], reason, "{raw:?}");
+    }
+    // A space or control byte in the target: Pingora's parser percent-encodes it, so the edge,
+    // its filters and the upstream all read the same path.
+    for (raw, seen) in [
+        (
+            &b"GET /api/a b HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            "/api/a%20b",
+        ),
+        (b"GET /api/a\x01b HTTP/1.1\r\nHost: x\r\n\r\n", "/api/a%01b"),
+    ] {
+        let (status, body) = raw_request(&addr, raw).await;
+        assert_eq!((status, body["path"].as_str()), (200, Some(seen)), "{body}");
+    }
+    // HTTP/1.0 needs no Host.
+    let (status, _) = raw_request(&addr, b"GET /api/x HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200);
     let line = edge.log_line(|l| l["reason"] == "malformed").await;
     assert_eq!(
         (line["status"].as_u64(), line["stage"].as_str()),
@@ -3033,5 +3064,51 @@ async fn the_waf_refuses_attacks_before_the_upstream_sees_a_byte() {
         edge.metric(r#"vigil_proxy_rejections_total{reason="sqli",route="guarded",stage="waf"}"#)
             >= 2.0,
         "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_files_reload_with_the_config_and_a_broken_rule_keeps_the_old_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let rule = |id: u32, regex: &str| {
+        format!(
+            "[[rule]]\nid = {id}\nmessage = \"m\"\ncategory = \"generic\"\nparanoia = 1\nseverity = \"critical\"\ntargets = [\"args\"]\nregex = '{regex}'\ntests = {{ attack = [\"forbidden\"], benign = [\"fine\"] }}\n"
+        )
+    };
+    std::fs::write(rules.join("local.toml"), rule(990001, "forbidden")).unwrap();
+    let config = format!(
+        "[upstreams.echo]\naddrs = [\"{{upstream}}\"]\n[filters.waf]\nkind = \"waf\"\nrules_dir = \"{}\"\n[[routes]]\nname = \"all\"\npath_prefix = \"/\"\nupstream = \"echo\"\nfilters = [\"waf\"]\n",
+        rules.display()
+    );
+    let edge = Edge::start(&config, upstream().await, dir.path(), false).await;
+    let c = reqwest::Client::new();
+    let status = |q: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/x?q={q}", edge.http);
+        async move { c.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(
+        (status("forbidden").await, status("other").await),
+        (403, 200)
+    );
+
+    // A rule that does not compile: the reload names the file and the rule, the old pack serves.
+    std::fs::write(rules.join("local.toml"), rule(990001, "(unclosed")).unwrap();
+    let err = edge.reloader.reload().unwrap_err().to_string();
+    assert!(
+        err.contains("local.toml, rule 990001: `regex` does not compile"),
+        "{err}"
+    );
+    assert!(err.contains("filters.waf.rules_dir"), "{err}");
+    assert_eq!(status("forbidden").await, 403, "the old pack serves");
+
+    // A good file takes effect on the next reload.
+    std::fs::write(rules.join("local.toml"), rule(990001, "other")).unwrap();
+    edge.reloader.reload().unwrap();
+    assert_eq!(
+        (status("forbidden").await, status("other").await),
+        (200, 403)
     );
 }

@@ -727,3 +727,60 @@ async fn the_default_login_guard_cools_down_a_client_after_ten_real_failures() {
     let r = anon.call("GET", "/.well-known/jwks.json", None).await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_waf_refuses_attacks_and_lets_the_api_s_own_data_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Running::start(dir.path()).await;
+    let anon = stack.client();
+    // A password is opaque: one that looks like SQL still registers and signs in.
+    let odd = json!({"email": "bob@example.com", "password": "' or 1=1 -- <script>x"});
+    assert_eq!(
+        anon.call("POST", "/auth/register", Some(odd.clone()))
+            .await
+            .status,
+        201
+    );
+    let r = anon.call("POST", "/auth/login", Some(odd)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (alice, _) = anon.register_and_login("alice@example.com").await;
+    // A content body about SQL and shells is stored as the text it is.
+    let body = "To find a user run SELECT * FROM users WHERE id = 1; then `cat /etc/hosts`.";
+    let created = alice
+        .call(
+            "POST",
+            "/content",
+            Some(json!({"title": "Notes", "body": body})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    // The same in a title, or script in a body, is refused at the edge (stage waf).
+    for item in [
+        json!({"title": "1' union select password from users--", "body": "x"}),
+        json!({"title": "t", "body": "<script>alert(document.cookie)</script>"}),
+    ] {
+        let r = alice.call("POST", "/content", Some(item)).await;
+        assert_eq!(
+            (r.status, r.body["stage"].as_str()),
+            (403, Some("waf")),
+            "{}",
+            r.body
+        );
+    }
+    let r = anon
+        .call("GET", "/auth/me?next=../../../../etc/passwd", None)
+        .await;
+    assert_eq!(
+        (r.status, r.body["stage"].as_str()),
+        (403, Some("waf")),
+        "{}",
+        r.body
+    );
+    let line = stack
+        .access_log_line(|l| l["stage"] == "waf" && l["route"] == "me")
+        .await;
+    assert!(
+        !line["waf_rule_ids"].as_array().unwrap().is_empty(),
+        "{line}"
+    );
+}

@@ -523,3 +523,147 @@ fn except(pack: &Pack, rules: &[Rule], x: &Exclusion) -> Result<Except, String> 
         targets,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> Engine {
+        let pack = Pack::embedded().expect("pack");
+        Engine::new(
+            &pack,
+            Settings {
+                paranoia: 4,
+                ..Settings::default()
+            },
+        )
+        .expect("engine")
+    }
+
+    /// A deterministic byte source (xorshift): the same inputs on every run.
+    struct Bytes(u64);
+    impl Bytes {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn take(&mut self, n: usize) -> Vec<u8> {
+            // Mostly the bytes attacks are made of, some of anything.
+            const ALPHABET: &[u8] = b"%'\"<>;|&$(){}[]\\/.-_=+*#@!?:,~` \r\n\tabcdefxyzOR01259uU";
+            (0..n)
+                .map(|_| {
+                    let r = self.next();
+                    if r.is_multiple_of(5) {
+                        (r >> 8) as u8
+                    } else {
+                        ALPHABET[(r >> 8) as usize % ALPHABET.len()]
+                    }
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn arbitrary_input_in_every_place_never_panics() {
+        let e = engine();
+        let mut rng = Bytes(0x9e37_79b9_7f4a_7c15);
+        let types: [&[u8]; 5] = [
+            b"application/json",
+            b"application/x-www-form-urlencoded",
+            b"multipart/form-data; boundary=xx",
+            b"text/plain",
+            b"application/xml",
+        ];
+        for i in 0..400 {
+            let (q, h, b) = (
+                rng.take(i % 97),
+                rng.take(i % 61),
+                rng.take((i * 37) % 2000),
+            );
+            let path = String::from_utf8_lossy(&rng.take(i % 40)).into_owned();
+            let name = format!("x-h{i}");
+            let req = Request {
+                method: "POST",
+                path: &path,
+                uri: &q,
+                query: &q,
+                headers: vec![
+                    ("Host", b"h"),
+                    ("Content-Type", types[i % types.len()]),
+                    ("Cookie", &h),
+                    (&name, &h),
+                ],
+                body: &b,
+                body_truncated: i.is_multiple_of(3),
+                client_ip: None,
+            };
+            let report = e.inspect(&req);
+            assert!(report.score >= report.matches.len() as u32 * 2);
+        }
+    }
+
+    #[test]
+    fn pathological_inputs_stay_bounded() {
+        let e = engine();
+        let nested = "[".repeat(20_000);
+        let escapes = "%25".repeat(20_000);
+        let many = "a=1&".repeat(20_000);
+        for (ctype, body, query) in [
+            ("application/json", nested.as_bytes(), &b""[..]),
+            ("text/plain", escapes.as_bytes(), escapes.as_bytes()),
+            (
+                "application/x-www-form-urlencoded",
+                many.as_bytes(),
+                many.as_bytes(),
+            ),
+        ] {
+            let report = e.inspect(&Request {
+                method: "POST",
+                path: "/",
+                query,
+                headers: vec![("Host", b"h"), ("Content-Type", ctype.as_bytes())],
+                body,
+                ..Request::default()
+            });
+            // Inspected, and every match names a rule of the pack.
+            assert!(
+                report
+                    .matches
+                    .iter()
+                    .all(|m| e.rules.iter().any(|r| r.id == m.rule))
+            );
+        }
+    }
+
+    #[test]
+    fn scores_add_up_and_one_category_alone_names_the_reason() {
+        let e = Engine::new(&Pack::embedded().expect("pack"), Settings::default()).expect("engine");
+        let report = e.inspect(&Request {
+            method: "GET",
+            path: "/",
+            query: b"id=1%27%20or%20%271%27%3D%271",
+            headers: vec![("Host", b"h")],
+            ..Request::default()
+        });
+        assert_eq!(
+            report.score,
+            report.matches.iter().map(|m| m.score).sum::<u32>()
+        );
+        assert_eq!(report.blocked(), Some("sqli"));
+        let clean = e.inspect(&Request {
+            method: "GET",
+            path: "/products",
+            query: b"page=2&sort=price&q=red+shoes",
+            headers: vec![("Host", b"h"), ("User-Agent", b"curl/8.5.0")],
+            ..Request::default()
+        });
+        assert_eq!(
+            (clean.score, clean.blocked()),
+            (0, None),
+            "{:?}",
+            clean.matches
+        );
+    }
+}

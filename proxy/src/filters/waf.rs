@@ -53,6 +53,15 @@ pub struct WafConfig {
     /// Bounds on one inspection.
     #[serde(default)]
     pub limits: waf::Limits,
+    /// The methods the route takes; any other is answered 405 (case matters: `get` is not GET).
+    #[serde(default = "default_methods")]
+    pub methods: Vec<String>,
+}
+
+fn default_methods() -> Vec<String> {
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn default_paranoia() -> u8 {
@@ -109,6 +118,9 @@ pub struct WafFilter {
     engine: waf::Engine,
     need: BodyNeed,
     body_types: Vec<String>,
+    methods: Vec<String>,
+    /// `Allow: GET, HEAD, ...` for the 405.
+    allow: http::HeaderValue,
     mode: &'static str,
     matches: IntCounterVec,
     duration: Histogram,
@@ -125,6 +137,13 @@ impl WafFilter {
                     "is {}: it must be 1 to {MAX_BODY_LIMIT} (what the edge can hold back from the upstream)",
                     config.body_limit
                 ),
+            ));
+        }
+        let allow = http::HeaderValue::from_str(&config.methods.join(", "));
+        if config.methods.is_empty() || allow.is_err() {
+            errors.push((
+                "methods".into(),
+                "name at least one method, each an HTTP token".into(),
             ));
         }
         let loaded = match &config.rules_dir {
@@ -172,6 +191,8 @@ impl WafFilter {
                     .iter()
                     .map(|t| t.to_ascii_lowercase())
                     .collect(),
+                methods: config.methods.clone(),
+                allow: allow.unwrap_or(http::HeaderValue::from_static("GET")),
                 mode: if config.mode == Mode::Shadow {
                     "detect"
                 } else {
@@ -238,6 +259,16 @@ impl Filter for WafFilter {
     }
 
     fn on_request(&self, req: &Parts, ctx: &mut RequestCtx) -> Verdict {
+        if !self.methods.iter().any(|m| m == req.method.as_str()) {
+            let mut r = Rejection::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "waf",
+                "method_not_allowed",
+                "this route does not take that method",
+            );
+            r.headers.push((http::header::ALLOW, self.allow.clone()));
+            return Verdict::Reject(r);
+        }
         let started = Instant::now();
         let mut headers: Vec<(&str, &[u8])> = req
             .headers
@@ -352,6 +383,28 @@ mod tests {
             Some(("application/json", r#"{"x":"<script>alert(1)</script>"}"#)),
         );
         assert!(matches!(v, Verdict::Reject(r) if r.reason == "xss"));
+        // Methods outside the route's list get 405 and `Allow`; case matters.
+        for method in ["TRACE", "get"] {
+            let (parts, ()) = http::Request::builder()
+                .method(method)
+                .uri("/")
+                .header("host", "h")
+                .body(())
+                .expect("request")
+                .into_parts();
+            let mut ctx = RequestCtx::new("r".into(), "192.0.2.1".parse().expect("ip"), false);
+            let Verdict::Reject(r) = f.on_request(&parts, &mut ctx) else {
+                panic!("{method} let through")
+            };
+            assert_eq!(
+                (r.status, r.reason),
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            );
+            assert_eq!(
+                r.headers[0].1,
+                "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+            );
+        }
         // HTTP/2: no Host header, the authority is in the URI; that is no missing Host.
         let (v, _) = run(&f, "https://example.com/a?b=c", None);
         assert_eq!(v, Verdict::Continue);
@@ -405,6 +458,7 @@ targets = ["json:body.content"]
         assert_eq!(keys("paranoia = 9"), ["paranoia"]);
         assert_eq!(keys("[[exclusions]]\nrules = [1]"), ["exclusions"]);
         assert_eq!(keys("rules_dir = \"/nonexistent\""), ["rules_dir"]);
+        assert_eq!(keys("methods = []"), ["methods"]);
         assert!(toml::from_str::<WafConfig>("bogus = 1").is_err());
         assert!(type_matches(
             "application/*+json",
