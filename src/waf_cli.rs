@@ -317,7 +317,7 @@ fn pick_route<'a>(
     config
         .routes
         .iter()
-        .filter(|r| req.path.starts_with(&r.path_prefix))
+        .filter(|r| proxy::routing::prefix_takes(&r.path_prefix, &req.path))
         .max_by_key(|r| r.path_prefix.len())
         .with_context(|| format!("no route of {} takes {}", config.origin, req.path))
 }
@@ -325,6 +325,45 @@ fn pick_route<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shipped_config() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/proxy.toml")
+    }
+
+    #[test]
+    fn a_request_is_explained_rule_by_rule_with_the_verdict() {
+        let attack = read_request(
+            "https://localhost/auth/x?q=1%27%20or%20%271%27%3D%271",
+            None,
+            None,
+            &[],
+        )
+        .expect("request");
+        let text = explain(&shipped_config(), None, &attack, false).expect("explain");
+        assert!(
+            text.starts_with("route auth, filter waf: mode block, paranoia 1"),
+            "{text}"
+        );
+        assert!(text.contains("942100") && text.contains("args:q"), "{text}");
+        assert!(text.contains("block (sqli)"), "{text}");
+        let json = explain(&shipped_config(), Some("content"), &attack, true).expect("explain");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(v[0]["verdict"], "block");
+        assert_eq!(v[0]["route"], "content");
+        assert!(v[0]["score"].as_u64().expect("score") >= 5);
+        // A raw request, and the content route's exclusion: SQL in the body passes.
+        let raw = waf::raw::parse(
+            b"POST /content HTTP/1.1\nHost: h\nContent-Type: application/json\n\n{\"title\":\"t\",\"body\":\"SELECT * FROM t WHERE a = '1' OR 1=1\"}",
+        )
+        .expect("raw");
+        let text = explain(&shipped_config(), None, &raw, false).expect("explain");
+        assert!(
+            text.contains("route content") && text.contains(": pass"),
+            "{text}"
+        );
+        assert!(explain(&shipped_config(), Some("nope"), &raw, false).is_err());
+        assert!(read_request("/nonexistent/file", None, None, &[]).is_err());
+    }
 
     #[test]
     fn rules_are_listed_by_category_and_level() {

@@ -37,13 +37,15 @@ pub struct RouteEntry {
 }
 
 impl RouteEntry {
-    /// Whether `path` falls under this route's prefix (`/auth/` also takes `/auth`).
     fn matches_path(&self, path: &str) -> bool {
-        path.starts_with(&self.path_prefix)
-            || (self.path_prefix.len() > 1
-                && self.path_prefix.ends_with('/')
-                && path == &self.path_prefix[..self.path_prefix.len() - 1])
+        prefix_takes(&self.path_prefix, path)
     }
+}
+
+/// Whether `path` falls under the route prefix `prefix` (`/auth/` also takes `/auth`).
+pub fn prefix_takes(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        || (prefix.len() > 1 && prefix.ends_with('/') && path == &prefix[..prefix.len() - 1])
 }
 
 /// Routes in match order.
