@@ -1,6 +1,7 @@
 //! The WAF crate's integration tests: the shipped pack's own rule tests, and the detector
 //! against libinjection's unit tests (`../shared/corpora/libinjection-tests/`).
 
+mod corpus;
 mod libinjection;
 
 #[test]
