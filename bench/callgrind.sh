@@ -15,18 +15,31 @@
 #   S5x    S1 + a policy that limits every request: the 429 path, no upstream hop
 #   S5r    S5 with the policy's counts in Redis (REDIS_URL, default redis://127.0.0.1:6379;
 #          the proxy's own instructions: the round trip's time is criterion's and run.sh's)
+#   S1b    S1 with a POST of a 16 KiB JSON body (bench/common.sh json_body), no filter
+#   S4     S1 + the waf filter (block, paranoia 1): a clean GET with three arguments,
+#          /waf/items?page=2&limit=20&sort=name
+#   S4b    S1b + the waf filter: the body read and inspected before the upstream
+#   nginx  nginx as a reverse proxy (1 worker, master_process off so one process does the work)
+#   nginxb nginx with S1b's POST
+#   S4p    the WAF peer on S4's request: that nginx with ModSecurity 3 and the OWASP CRS at
+#          paranoia 1 (bench/common.sh modsec_conf; apt-get install -y
+#          libnginx-mod-http-modsecurity modsecurity-crs); PEER_COUNT requests after PEER_WARMUP
+#          (20 after 5: under callgrind a 16 KiB POST costs it about 8 x 10^8 instructions)
+#   S4pb   the peer on S4b's POST
 #
 # Each proxy runs under `valgrind --tool=callgrind` against nginx (1 worker, the same small
 # JSON body as bench/run.sh); a Python client sends WARMUP requests on one keep-alive
 # connection, the counters are zeroed, then it sends COUNT more and the counters are dumped:
-# the figure is the total instructions over COUNT. Set KEEP=DIR to keep the callgrind files
-# for callgrind_annotate. Loopback only; every loop is bounded by its count.
+# the figure is the total instructions over COUNT (PEER_COUNT for the peer). Set KEEP=DIR to keep
+# the callgrind files for callgrind_annotate. Loopback only; every loop is bounded by its count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${COUNT:-2000}
 WARMUP=${WARMUP:-200}
 PROFILE=${PROFILE:-perf}
-read -r -a targets <<<"${TARGETS:-floor floorm S1 S1t S3w S3c S3h S1k S5 S5x S5r}"
+PEER_COUNT=${PEER_COUNT:-20}
+PEER_WARMUP=${PEER_WARMUP:-5}
+read -r -a targets <<<"${TARGETS:-floor floorm S1 S1t S3w S3c S3h S1k S5 S5x S5r S1b S4 S4b nginx nginxb S4p S4pb}"
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 . bench/common.sh
 need bench/callgrind.sh nginx valgrind callgrind_control python3
@@ -40,22 +53,26 @@ total=$((WARMUP + COUNT))
 "$bin/mint-tokens" ES256 "$total" "$work/es"
 "$bin/mint-tokens" HS256 "$total" "$work/hs"
 head -1 "$work/es/tokens-0" >"$work/es-one"
+json_body 16384 "$work/body.json"
 
 cat >"$work/client.py" <<'EOF'
 # client.py PORT PATH COUNT [TOKENS [OFFSET]]: COUNT GETs on one keep-alive connection, the i-th
 # with token OFFSET+i of TOKENS (round robin); every answer must be EXPECT (200). With KEYS=N,
-# the i-th also carries X-Client: c(i mod N).
+# the i-th also carries X-Client: c(i mod N). With BODY=FILE, POSTs of that JSON body.
 import http.client, os, sys
 port, path, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 tokens = open(sys.argv[4]).read().split() if len(sys.argv) > 4 else []
 offset = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 keys, expect = int(os.environ.get("KEYS", "0")), int(os.environ.get("EXPECT", "200"))
+body = open(os.environ["BODY"], "rb").read() if os.environ.get("BODY") else None
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for i in range(count):
     headers = {"Authorization": "Bearer " + tokens[(offset + i) % len(tokens)]} if tokens else {}
     if keys:
         headers["X-Client"] = f"c{(offset + i) % keys}"
-    conn.request("GET", path, headers=headers)
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
     r = conn.getresponse()
     r.read()
     if r.status != expect and not (expect == 429 and offset + i == 0):
@@ -88,11 +105,20 @@ issuer = "vigil-auth"
 audiences = ["vigil"]
 algorithms = ["HS256"]
 hmac_secrets = [{ file = "$work/hs/key", kid = "bench-hs" }]
+[filters.waf]
+kind = "waf"
+mode = "block"
+paranoia = 1
 [[routes]]
 name = "bench"
 path_prefix = "/"
 upstream = "bench"
 $(ratelimit_toml "$REDIS_URL" bench)
+[[routes]]
+name = "waf"
+path_prefix = "/waf/"
+upstream = "bench"
+filters = ["waf"]
 [[routes]]
 name = "es"
 path_prefix = "/es/"
@@ -105,8 +131,13 @@ upstream = "bench"
 filters = ["hs"]
 EOF
 
+get3="/waf/items?page=2&limit=20&sort=name"
 declare -A PATHS=([floor]=/ [floorm]=/ [S1]=/ [S1t]=/ [S3w]=/es/ [S3c]=/es/ [S3h]=/hs/
-  [S1k]=/ [S5]=/rl/ [S5x]=/rl429/ [S5r]=/rlr/)
+  [S1k]=/ [S5]=/rl/ [S5x]=/rl429/ [S5r]=/rlr/ [S1b]=/items [S4]=$get3 [S4b]=/waf/items
+  [nginx]=/ [nginxb]=/items [S4p]=$get3 [S4pb]=/waf/items)
+declare -A POSTS=([S1b]=1 [S4b]=1 [nginxb]=1 [S4pb]=1)
+# nginx's targets: the paranoia level of its ModSecurity (none: plain nginx).
+declare -A NGINX=([nginx]="" [nginxb]="" [S4p]=1 [S4pb]=1)
 # Per target: X-Client values cycled, the status every answer has, requests warming up
 # uninstrumented (filling the table) before the usual instrumented warm-up.
 declare -A KEYS_OF=([S1k]=100000 [S5]=100000 [S5r]=100000)
@@ -117,10 +148,15 @@ declare -A IR
 for t in "${targets[@]}"; do
   out="$work/cg-$t"
   mkdir -p "$out"
+  count=$COUNT warmup=$WARMUP
   if [ "$t" = floor ]; then
     cmd=("$bin/floor" "127.0.0.1:$port" "127.0.0.1:$up")
   elif [ "$t" = floorm ]; then
     cmd=("$bin/floor-mimalloc" "127.0.0.1:$port" "127.0.0.1:$up")
+  elif [ -n "${NGINX[$t]+set}" ]; then
+    proxy_nginx "ngx-$t" "$port" "$up" "${NGINX[$t]}" "master_process off;"
+    cmd=(nginx -e "$work/ngx-$t/error.log" -p "$work/ngx-$t" -c "$work/ngx-$t/nginx.conf")
+    [ -n "${NGINX[$t]}" ] && count=$PEER_COUNT warmup=$PEER_WARMUP
   else
     cmd=("$bin/vigil" proxy --config "$work/proxy.toml" --threads 1)
   fi
@@ -129,29 +165,30 @@ for t in "${targets[@]}"; do
     --instr-atstart="$([ "$fill" -gt 0 ] && echo no || echo yes)" \
     "${cmd[@]}" >"$out/stdout" 2>"$out/stderr" &
   pid=$!
-  wait_port "$port"
+  wait_port "$port" 600 # compiling the rules (vigil's waf, the CRS) takes a while under valgrind
   tokens=()
   [ -n "${TOKENS[$t]:-}" ] && tokens=("${TOKENS[$t]}")
-  export KEYS=${KEYS_OF[$t]:-0} EXPECT=${EXPECT_OF[$t]:-200}
+  export KEYS=${KEYS_OF[$t]:-0} EXPECT=${EXPECT_OF[$t]:-200} BODY=${POSTS[$t]:+$work/body.json}
   if [ "$fill" -gt 0 ]; then
     python3 "$work/client.py" "$port" "${PATHS[$t]}" "$fill"
     callgrind_control --instr=on "$pid" >/dev/null
   fi
-  python3 "$work/client.py" "$port" "${PATHS[$t]}" "$WARMUP" "${tokens[@]}" ${tokens:+0}
+  python3 "$work/client.py" "$port" "${PATHS[$t]}" "$warmup" "${tokens[@]}" ${tokens:+0}
   callgrind_control --zero "$pid" >/dev/null
-  python3 "$work/client.py" "$port" "${PATHS[$t]}" "$COUNT" "${tokens[@]}" ${tokens:+"$WARMUP"}
+  python3 "$work/client.py" "$port" "${PATHS[$t]}" "$count" "${tokens[@]}" ${tokens:+"$warmup"}
   callgrind_control --dump="$t" "$pid" >/dev/null
   kill -INT "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   dump=$(grep -l "^desc: Trigger: dump $t$" "$out"/callgrind.out.* | head -1)
   ir=$(awk '/^summary:|^totals:/ {print $2; exit}' "$dump")
-  IR[$t]=$((ir / COUNT))
+  IR[$t]=$((ir / count))
   if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$dump" "$KEEP/callgrind.$t"; fi
   echo "$t: ${IR[$t]} instructions per request" >&2
 done
 
 echo
-echo "instructions per request (callgrind, profile $PROFILE, $COUNT requests after $WARMUP on one keep-alive connection)"
+echo "instructions per request (callgrind, profile $PROFILE, $COUNT requests after $WARMUP on one keep-alive connection;"
+echo "the ModSecurity targets $PEER_COUNT after $PEER_WARMUP)"
 printf '%-6s %12s %10s %10s\n' target Ir/request vs_floor vs_S1
 for t in "${targets[@]}"; do
   python3 -c '
@@ -167,4 +204,15 @@ if {"S5", "S1k"} <= ir.keys(): goals.append(f"S5 over S1k {100 * (ir['S5'] / ir[
 if {"S5r", "S1k"} <= ir.keys(): goals.append(f"[S5r over S1k {100 * (ir['S5r'] / ir['S1k'] - 1):+.1f} %, the proxy's side of Redis]")
 if {"S5x", "S1"} <= ir.keys(): goals.append(f"S1/S5x {ir['S1'] / ir['S5x']:.2f} (the 429 path's instructions; >= 1.5)")
 if goals: print("\nissue 11 goals: " + "   ".join(goals))
+# The WAF's instructions over the same request without it, against ModSecurity's over nginx.
+goals = []
+d = lambda a, b: ir[a] - ir[b]
+share = lambda v, p: f"1/{p / v:.0f}" if v > 0 and p > 0 else f"{v:+.0f}/{p:+.0f}"
+if {"S4", "S1"} <= ir.keys(): goals.append(f"S4 - S1 {d('S4', 'S1'):+.0f} Ir/req")
+if {"S4b", "S1b"} <= ir.keys(): goals.append(f"S4b - S1b {d('S4b', 'S1b'):+.0f} Ir/req")
+if {"S4", "S1", "S4p", "nginx"} <= ir.keys():
+    goals.append(f"waf/peer GET {share(d('S4', 'S1'), d('S4p', 'nginx'))} (S4p - nginx {d('S4p', 'nginx'):+.0f}; <= 1/20, goal 1/100)")
+if {"S4b", "S1b", "S4pb", "nginxb"} <= ir.keys():
+    goals.append(f"waf/peer POST {share(d('S4b', 'S1b'), d('S4pb', 'nginxb'))} (S4pb - nginxb {d('S4pb', 'nginxb'):+.0f})")
+if goals: print("\nissue 12 goals: " + "   ".join(goals))
 PY

@@ -1,6 +1,8 @@
-# What the proxy benchmarks share (sourced by run.sh, profiles.sh and callgrind.sh): the tools
-# check, a scratch directory and the processes to stop on exit, loopback ports, and the upstream
-# every target proxies to (nginx, 1 worker, a fixed small JSON body, keep-alive).
+# What the proxy benchmarks share (sourced by run.sh, profiles.sh, callgrind.sh and crs-peer.sh):
+# the tools check, a scratch directory and the processes to stop on exit, loopback ports, the
+# upstream every target proxies to (nginx, 1 worker, a fixed small JSON body, keep-alive), nginx
+# as a reverse proxy (plain, or with ModSecurity 3 and the OWASP CRS: the WAF peer), and the
+# JSON body of the POST targets.
 
 # need SCRIPT TOOL...: stops with the package to install when a tool is missing.
 need() {
@@ -23,16 +25,18 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # PORT: polls until something listens (at most 60 s)
-  for _ in $(seq 1200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+wait_port() { # PORT [SECONDS]: polls until something listens (at most SECONDS, 60 by default)
+  for _ in $(seq $((${2:-60} * 20))); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
   echo "nothing listens on $1" >&2
   exit 1
 }
 
-# nginx_conf NAME PORT HTTP-EXTRA SERVER-BODY: writes $work/NAME/nginx.conf, one worker.
+# nginx_conf NAME PORT HTTP-EXTRA SERVER-BODY [MAIN-EXTRA]: writes $work/NAME/nginx.conf, one
+# worker (MAIN-EXTRA: top-level directives, e.g. load_module, master_process off).
 nginx_conf() {
   mkdir -p "$work/$1"
   cat >"$work/$1/nginx.conf" <<EOF
+${5:-}
 worker_processes 1;
 daemon off;
 pid $work/$1/nginx.pid;
@@ -62,6 +66,66 @@ start_upstream() {
   nginx_conf upstream "$1" "" \
     "location / { default_type application/json; return 200 '{\"ok\":true,\"service\":\"bench\",\"items\":[1,2,3]}'; }"
   start_nginx upstream "${2:-}"
+}
+
+# proxy_nginx NAME PORT UPSTREAM-PORT [PARANOIA [MAIN-EXTRA]]: nginx as a reverse proxy to the
+# upstream (keep-alive to it, bodies up to 64 KiB held in memory like vigil's waf filter holds
+# them); with PARANOIA, every request goes through ModSecurity 3 and the OWASP CRS at that
+# paranoia level (modsec_conf). Writes $work/NAME/nginx.conf; start it with start_nginx.
+proxy_nginx() {
+  local main=${5:-} modsec=""
+  if [ -n "${4:-}" ]; then
+    modsec_conf "$1" "$4"
+    main="load_module /usr/lib/nginx/modules/ngx_http_modsecurity_module.so; $main"
+    modsec="modsecurity on; modsecurity_rules_file $work/$1/modsec.conf;"
+  fi
+  nginx_conf "$1" "$2" "upstream u { server 127.0.0.1:$3; keepalive 64; } client_body_buffer_size 64k;" \
+    "location / { $modsec proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }" \
+    "$main"
+}
+
+# modsec_conf NAME PARANOIA: $work/NAME/modsec.conf, the peer's WAF as Debian ships it
+# (apt-get install -y libnginx-mod-http-modsecurity modsecurity-crs: ModSecurity 3.0, CRS 3.3):
+# /etc/nginx/modsecurity.conf (its JSON/XML body processors, limits and error rules) with the
+# engine blocking (SecRuleEngine On instead of DetectionOnly), no response body inspection (vigil
+# inspects requests only), no audit log, temporary files in the scratch directory; then the CRS
+# with tx.paranoia_level = PARANOIA and its defaults otherwise (anomaly threshold 5, as vigil's).
+modsec_conf() {
+  local f
+  for f in /etc/nginx/modsecurity.conf /etc/modsecurity/crs/crs-setup.conf \
+    /usr/lib/nginx/modules/ngx_http_modsecurity_module.so; do
+    [ -e "$f" ] || { echo "no $f: apt-get install -y libnginx-mod-http-modsecurity modsecurity-crs" >&2; exit 1; }
+  done
+  mkdir -p "$work/$1"
+  sed -e 's/^SecRuleEngine .*/SecRuleEngine On/' -e 's/^SecResponseBodyAccess .*/SecResponseBodyAccess Off/' \
+    -e 's/^SecAuditEngine .*/SecAuditEngine Off/' -e "s|^SecAuditLog .*|SecAuditLog $work/$1/audit.log|" \
+    -e "s|^SecTmpDir .*|SecTmpDir $work/$1|" -e "s|^SecDataDir .*|SecDataDir $work/$1|" \
+    -e 's|^SecUnicodeMapFile unicode.mapping|SecUnicodeMapFile /etc/nginx/unicode.mapping|' \
+    /etc/nginx/modsecurity.conf >"$work/$1/modsecurity.conf"
+  cat >"$work/$1/modsec.conf" <<EOF
+Include $work/$1/modsecurity.conf
+SecAction "id:900000,phase:1,nolog,pass,t:none,setvar:tx.paranoia_level=$2"
+Include /etc/modsecurity/crs/crs-setup.conf
+Include /usr/share/modsecurity-crs/rules/*.conf
+EOF
+}
+
+# json_body SIZE FILE: {"items":[...]} of plain-word records, at least SIZE bytes: the body of
+# the POST targets (waf/benches/inspect.rs builds the same one).
+json_body() {
+  python3 - "$1" "$2" <<'EOF'
+import sys
+size, items, n, i = int(sys.argv[1]), [], 12, 0
+while n < size:
+    i += 1
+    item = ('{"id":%d,"name":"Item %d","email":"user%d@example.com","note":"A short note about item '
+            'number %d, in plain words: it came in on a Monday, the team looked it over and sent it on '
+            'the same week, with nothing further to report on it.","tags":["alpha","beta"],"price":%d.5,'
+            '"active":true}') % (i, i, i, i, i % 97)
+    n += len(item) + 1
+    items.append(item)
+open(sys.argv[2], "w").write('{"items":[%s]}' % ",".join(items))
+EOF
 }
 
 # ratelimit_toml REDIS_URL UPSTREAM: the rate-limit scenarios' filters and routes. /rl/ keys by

@@ -18,6 +18,15 @@
 #          the table), nothing limited
 #   S5x    S1 + a policy that limits every request: the 429 path, no upstream hop
 #   S5r    S5 with the counts in Redis (REDIS_URL, default redis://127.0.0.1:6379)
+#   S1b    S1 with a POST of a 16 KiB JSON body (bench/common.sh json_body), no filter
+#   nginxb nginx with the same POST (the body held in memory, 64 KiB buffer)
+#   S4     S1 + the waf filter (block, paranoia 1, the embedded pack): a clean GET with three
+#          arguments, /waf/items?page=2&limit=20&sort=name
+#   S4b    S1b + the waf filter: the 16 KiB JSON body read and inspected before the upstream
+#   S4p    the WAF peer on S4's request: nginx (1 worker) with ModSecurity 3 and the OWASP CRS
+#          at paranoia 1 (bench/common.sh modsec_conf; apt-get install -y
+#          libnginx-mod-http-modsecurity modsecurity-crs), the same upstream
+#   S4pb   the peer on S4b's POST
 #
 # Method: the proxy under test pinned to CPU 0, the load generator and the upstream to CPU 1;
 # one worker thread each; RUNS rounds in which every target gets DURATION seconds flat out
@@ -41,7 +50,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
 FRESH_ES=${FRESH_ES:-150000}    # distinct ES256 tokens per load run (> S3c req/s x DURATION)
 FRESH_HS=${FRESH_HS:-300000}    # distinct HS256 tokens per load run (> S3h req/s x DURATION)
-read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S1t S3w S3c S3h S1k S5 S5x S5r}"
+read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S1t S3w S3c S3h S1k S5 S5x S5r S1b nginxb S4 S4b S4p S4pb}"
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 
 . bench/common.sh
@@ -50,11 +59,19 @@ bin=target/$PROFILE
 cargo build --profile "$PROFILE" -p vigil --bin vigil -p vigil-bench --bins >&2
 
 up=$(free_port); ngx=$(free_port); flo=$(free_port); flm=$(free_port); s1=$(free_port); s2=$(free_port); adm=$(free_port)
+peer=$(free_port)
 
 start_upstream "$up" "$LOAD_CPU"
-nginx_conf proxy "$ngx" "upstream u { server 127.0.0.1:$up; keepalive 64; }" \
-  "location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+proxy_nginx proxy "$ngx" "$up"
 start_nginx proxy "$PROXY_CPU"
+# The WAF peer only when a target uses it (it needs ModSecurity and the CRS installed).
+ports=("$up" "$ngx" "$flo" "$flm" "$s1" "$s2" "$adm")
+if [[ " ${targets[*]} " =~ " S4p"(b?)" " ]]; then
+  proxy_nginx peer "$peer" "$up" 1
+  start_nginx peer "$PROXY_CPU"
+  ports+=("$peer")
+fi
+json_body 16384 "$work/body.json"
 taskset -c "$PROXY_CPU" "$bin/floor" "127.0.0.1:$flo" "127.0.0.1:$up" >"$work/floor.log" 2>&1 & pids+=($!)
 floor_pid=$!
 taskset -c "$PROXY_CPU" "$bin/floor-mimalloc" "127.0.0.1:$flm" "127.0.0.1:$up" >"$work/floorm.log" 2>&1 & pids+=($!)
@@ -96,11 +113,20 @@ issuer = "vigil-auth"
 audiences = ["vigil"]
 algorithms = ["HS256"]
 hmac_secrets = [{ file = "$work/hs-fresh/key", kid = "bench-hs" }]
+[filters.waf]
+kind = "waf"
+mode = "block"
+paranoia = 1
 [[routes]]
 name = "bench"
 path_prefix = "/"
 upstream = "bench"
 $(ratelimit_toml "$REDIS_URL" bench)
+[[routes]]
+name = "waf"
+path_prefix = "/waf/"
+upstream = "bench"
+filters = ["waf"]
 [[routes]]
 name = "es_warm"
 path_prefix = "/es-warm/"
@@ -120,7 +146,7 @@ EOF
 RUST_LOG=warn taskset -c "$PROXY_CPU" "$bin/vigil" proxy --config "$work/proxy.toml" --threads 1 \
   --upgrade-sock "$work/upgrade.sock" >/dev/null 2>"$work/vigil.err" & pids+=($!)
 vigil_pid=$!
-for p in "$up" "$ngx" "$flo" "$flm" "$s1" "$s2" "$adm"; do wait_port "$p"; done
+for p in "${ports[@]}"; do wait_port "$p"; done
 cat >"$work/tokens.lua" <<'EOF'
 -- Each request carries the next token of the file given after `--`, round robin.
 local tokens, i = {}, 0
@@ -140,16 +166,30 @@ function request()
   return wrk.format("GET", nil, { ["X-Client"] = "c" .. i })
 end
 EOF
+cat >"$work/post.lua" <<EOF
+-- Every request is a POST of the same JSON body.
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = assert(io.open("$work/body.json", "rb"))
+wrk.body = f:read("*a")
+f:close()
+EOF
 worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
 declare -A PID=([S0]=$(worker_of upstream) [floor]=$floor_pid [floorm]=$floorm_pid [nginx]=$(worker_of proxy)
   [S1]=$vigil_pid [S2]=$vigil_pid [S1t]=$vigil_pid [S3w]=$vigil_pid [S3c]=$vigil_pid [S3h]=$vigil_pid
-  [S1k]=$vigil_pid [S5]=$vigil_pid [S5x]=$vigil_pid [S5r]=$vigil_pid)
+  [S1k]=$vigil_pid [S5]=$vigil_pid [S5x]=$vigil_pid [S5r]=$vigil_pid
+  [S1b]=$vigil_pid [nginxb]=$(worker_of proxy) [S4]=$vigil_pid [S4b]=$vigil_pid)
+[ -e "$work/peer/nginx.pid" ] && PID[S4p]=$(worker_of peer) PID[S4pb]=$(worker_of peer)
+get3="waf/items?page=2&limit=20&sort=name"
 declare -A URL=([S0]="http://127.0.0.1:$up/" [floor]="http://127.0.0.1:$flo/" [floorm]="http://127.0.0.1:$flm/"
   [nginx]="http://127.0.0.1:$ngx/" [S1]="http://127.0.0.1:$s1/" [S2]="https://127.0.0.1:$s2/"
   [S1t]="http://127.0.0.1:$s1/" [S3w]="http://127.0.0.1:$s1/es-warm/" [S3c]="http://127.0.0.1:$s1/es-fresh/"
   [S3h]="http://127.0.0.1:$s1/hs-fresh/" [S1k]="http://127.0.0.1:$s1/" [S5]="http://127.0.0.1:$s1/rl/"
-  [S5x]="http://127.0.0.1:$s1/rl429/" [S5r]="http://127.0.0.1:$s1/rlr/")
+  [S5x]="http://127.0.0.1:$s1/rl429/" [S5r]="http://127.0.0.1:$s1/rlr/"
+  [S1b]="http://127.0.0.1:$s1/items" [nginxb]="http://127.0.0.1:$ngx/items" [S4]="http://127.0.0.1:$s1/$get3"
+  [S4b]="http://127.0.0.1:$s1/waf/items" [S4p]="http://127.0.0.1:$peer/$get3" [S4pb]="http://127.0.0.1:$peer/waf/items")
 declare -A KEYED=([S1k]=1 [S5]=1 [S5r]=1)
+declare -A POSTS=([S1b]=1 [nginxb]=1 [S4b]=1 [S4pb]=1)
 declare -A TOKENS=([S1t]="$work/es-warm" [S3w]="$work/es-warm" [S3c]="$work/es-fresh" [S3h]="$work/hs-fresh")
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -157,6 +197,7 @@ load() { # TARGET DURATION RUN -> wrk output (RUN picks the token file: 0 is the
   local args=("${URL[$1]}")
   [ -n "${TOKENS[$1]:-}" ] && args=(-s "$work/tokens.lua" "${URL[$1]}" -- "${TOKENS[$1]}/tokens-$3")
   [ -n "${KEYED[$1]:-}" ] && args=(-s "$work/keys.lua" "${URL[$1]}")
+  [ -n "${POSTS[$1]:-}" ] && args=(-s "$work/post.lua" "${URL[$1]}")
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2s" "${args[@]}"
 }
 # run TARGET RUN -> "req_per_sec cpu_us_per_req"
@@ -173,8 +214,10 @@ run() {
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 latency() { # TARGET -> "p50_ms p99_ms" from oha at a fixed rate, or "- -"
   if ! command -v oha >/dev/null || [ -n "${TOKENS[$1]:-}" ]; then echo "- -"; return; fi
+  local post=()
+  [ -n "${POSTS[$1]:-}" ] && post=(-m POST -T application/json -D "$work/body.json")
   taskset -c "$LOAD_CPU" oha --no-tui --insecure -z "${DURATION}s" -q "$RATE" --latency-correction -c "$CONNECTIONS" \
-    --output-format json "${URL[$1]}" 2>/dev/null |
+    "${post[@]}" --output-format json "${URL[$1]}" 2>/dev/null |
     python3 -c 'import json, sys; p = json.load(sys.stdin)["latencyPercentiles"]; print("%.3f %.3f" % (p["p50"] * 1000, p["p99"] * 1000))'
 }
 
@@ -250,4 +293,18 @@ if {"S5", "S1"} <= cpu.keys(): goals.append(f"[S5 over S1 {100 * (cpu['S5'] / cp
 if {"S5r", "S1k"} <= cpu.keys(): goals.append(f"S5r over S1k {100 * (cpu['S5r'] / cpu['S1k'] - 1):+.1f} % cpu, rps/S1k {rps['S5r'] / rps['S1k']:.2f}")
 if {"S5x", "S1"} <= rps.keys(): goals.append(f"S5x rps/S1 {rps['S5x'] / rps['S1']:.2f} (>= 1.5)")
 if goals: print("issue 11 goals: " + "   ".join(goals))
+# The WAF: its cost over the same request without it, and against the peer's (ModSecurity's cost
+# over plain nginx); the totals for information.
+goals = []
+d = lambda a, b: cpu[a] - cpu[b]
+share = lambda v, p: f"1/{p / v:.0f}" if v > 0 and p > 0 else f"{v:+.2f}/{p:+.2f}"
+if {"S4", "S1"} <= cpu.keys(): goals.append(f"S4 - S1 {d('S4', 'S1'):+.2f} us/req (<= 5, goal <= 3)")
+if {"S4b", "S1b"} <= cpu.keys(): goals.append(f"S4b - S1b {d('S4b', 'S1b'):+.2f} us/req (<= 60)")
+if {"S4", "S1", "S4p", "nginx"} <= cpu.keys():
+    goals.append(f"waf/peer GET {share(d('S4', 'S1'), d('S4p', 'nginx'))} (S4p - nginx {d('S4p', 'nginx'):+.2f}; <= 1/20, goal 1/100)")
+if {"S4b", "S1b", "S4pb", "nginxb"} <= cpu.keys():
+    goals.append(f"waf/peer POST {share(d('S4b', 'S1b'), d('S4pb', 'nginxb'))} (S4pb - nginxb {d('S4pb', 'nginxb'):+.2f})")
+if {"S4", "S4p"} <= cpu.keys(): goals.append(f"[S4/S4p {cpu['S4'] / cpu['S4p']:.2f}]")
+if {"S4b", "S4pb"} <= cpu.keys(): goals.append(f"[S4b/S4pb {cpu['S4b'] / cpu['S4pb']:.2f}]")
+if goals: print("issue 12 goals: " + "   ".join(goals))
 PY

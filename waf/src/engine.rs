@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::request::{self, Collections, Facts, Request, Value};
 use crate::rules::{Category, Check, Detector, Operator, Pack, Rule, Selector};
-use crate::transform::{Transform, apply_chain};
+use crate::transform::Transform;
 
 /// Bounds on what one request makes the engine do.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -91,12 +91,93 @@ struct Except {
 #[derive(Debug)]
 struct Chain {
     transforms: Vec<Transform>,
+    /// The step (see [`Step`]) whose output this chain reads; `None`: the value as it is.
+    step: Option<usize>,
     /// The collections any of its rules read: other values skip the chain.
     reads: Collections,
+    /// The distinct selectors of its rules: a value none of them selects skips the chain.
+    selectors: Vec<Selector>,
     regex: Option<(RegexSet, Vec<usize>)>,
     phrases: Option<(AhoCorasick, Vec<usize>, Vec<bool>)>,
     /// Rules with another operator.
     others: Vec<usize>,
+}
+
+/// One transformation applied to the output of an earlier step (or to the value): the chains'
+/// common prefixes, so `url_decode` then `html_entity_decode` runs once per value however many
+/// chains start with them. Steps come after their parents.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    parent: Option<usize>,
+    transform: Transform,
+}
+
+/// A step's output for one value: unchanged from its input, or new bytes.
+enum Out {
+    Same,
+    New(Vec<u8>),
+}
+
+/// The steps' outputs for one value, computed on demand, each at most once.
+struct Outs<'s> {
+    steps: &'s [Step],
+    outs: Vec<Option<Out>>,
+}
+
+impl<'s> Outs<'s> {
+    fn new(steps: &'s [Step]) -> Self {
+        Outs {
+            steps,
+            outs: Vec::with_capacity(steps.len()),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.outs.clear();
+        self.outs.resize_with(self.steps.len(), || None);
+    }
+
+    /// The bytes step `at` (or the value itself, for `None`) gives.
+    fn get<'v>(&'v mut self, at: Option<usize>, value: &'v [u8]) -> &'v [u8] {
+        let Some(at) = at else { return value };
+        self.fill(at, value);
+        self.resolve(at, value)
+    }
+
+    fn fill(&mut self, at: usize, value: &[u8]) {
+        if self.outs[at].is_some() {
+            return;
+        }
+        let step = self.steps[at];
+        if let Some(p) = step.parent {
+            self.fill(p, value);
+        }
+        let input = self.resolve_opt(step.parent, value);
+        let out = match step.transform.apply(input) {
+            std::borrow::Cow::Borrowed(_) => Out::Same,
+            std::borrow::Cow::Owned(v) => Out::New(v),
+        };
+        self.outs[at] = Some(out);
+    }
+
+    fn resolve_opt<'v>(&'v self, at: Option<usize>, value: &'v [u8]) -> &'v [u8] {
+        match at {
+            Some(at) => self.resolve(at, value),
+            None => value,
+        }
+    }
+
+    fn resolve<'v>(&'v self, mut at: usize, value: &'v [u8]) -> &'v [u8] {
+        loop {
+            match &self.outs[at] {
+                Some(Out::New(v)) => return v,
+                _ => match self.steps[at].parent {
+                    Some(p) => at = p,
+                    None => return value,
+                },
+            }
+        }
+    }
 }
 
 /// The compiled engine for one route.
@@ -104,6 +185,7 @@ struct Chain {
 pub struct Engine {
     rules: Vec<Rule>,
     chains: Vec<Chain>,
+    steps: Vec<Step>,
     checks: Vec<usize>,
     excepts: Vec<Except>,
     settings: Settings,
@@ -203,7 +285,9 @@ impl Engine {
             })
             .collect();
         let mut chains: Vec<Chain> = Vec::new();
-        let mut by_chain: HashMap<Vec<Transform>, usize> = HashMap::new();
+        // Rules group by transformation chain; rules that read only named values (one header,
+        // one argument) group apart, by those names, so other values never scan their patterns.
+        let mut by_chain: HashMap<(Vec<Transform>, Vec<String>), usize> = HashMap::new();
         let mut checks = Vec::new();
         let mut members: Vec<Vec<usize>> = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
@@ -214,10 +298,20 @@ impl Engine {
                 checks.push(i);
                 continue;
             }
-            let c = *by_chain.entry(rule.transforms.clone()).or_insert_with(|| {
+            let narrow: Vec<String> = if rule.targets.iter().all(|t| t.key.is_some()) {
+                let mut names: Vec<String> = rule.targets.iter().map(ToString::to_string).collect();
+                names.sort();
+                names
+            } else {
+                Vec::new()
+            };
+            let key = (rule.transforms.clone(), narrow);
+            let c = *by_chain.entry(key).or_insert_with(|| {
                 chains.push(Chain {
                     transforms: rule.transforms.clone(),
+                    step: None,
                     reads: Collections::default(),
+                    selectors: Vec::new(),
                     regex: None,
                     phrases: None,
                     others: Vec::new(),
@@ -227,8 +321,28 @@ impl Engine {
             });
             for t in &rule.targets {
                 chains[c].reads.insert(t.collection);
+                if !chains[c].selectors.contains(t) {
+                    chains[c].selectors.push(t.clone());
+                }
             }
             members[c].push(i);
+        }
+        let mut steps: Vec<Step> = Vec::new();
+        let mut by_prefix: HashMap<Vec<Transform>, usize> = HashMap::new();
+        for chain in &mut chains {
+            let mut parent = None;
+            for k in 1..=chain.transforms.len() {
+                let prefix = chain.transforms[..k].to_vec();
+                let id = *by_prefix.entry(prefix).or_insert_with(|| {
+                    steps.push(Step {
+                        parent,
+                        transform: chain.transforms[k - 1],
+                    });
+                    steps.len() - 1
+                });
+                parent = Some(id);
+            }
+            chain.step = parent;
         }
         for (chain, members) in chains.iter_mut().zip(members) {
             let (mut pats, mut pat_rules) = (Vec::new(), Vec::new());
@@ -270,6 +384,7 @@ impl Engine {
         Ok(Engine {
             rules,
             chains,
+            steps,
             checks,
             excepts,
             settings,
@@ -306,21 +421,25 @@ impl Engine {
             })
             .collect();
         let mut found = Vec::new();
+        let mut outs = Outs::new(&self.steps);
         for v in &values {
+            outs.reset();
             for chain in &self.chains {
-                if !chain.reads.contains(v.collection) {
+                if !chain.reads.contains(v.collection)
+                    || !chain.selectors.iter().any(|s| s.selects(v))
+                {
                     continue;
                 }
-                let t = apply_chain(&chain.transforms, &v.bytes);
+                let t = outs.get(chain.step, &v.bytes);
                 found.clear();
-                chain.matches(&self.rules, &t, req, &mut found);
+                chain.matches(&self.rules, t, req, &mut found);
                 for &i in &found {
                     let rule = &self.rules[i];
-                    if hits.done[i] || !rule.wants(&t) || !rule.reads(v) || excluded(&excepts, i, v)
+                    if hits.done[i] || !rule.wants(t) || !rule.reads(v) || excluded(&excepts, i, v)
                     {
                         continue;
                     }
-                    hits.add(i, rule, target_name(v), &t);
+                    hits.add(i, rule, target_name(v), t);
                 }
             }
         }
