@@ -5,6 +5,8 @@
 //! - `vigil check proxy.toml` checks a proxy config without binding anything.
 //! - `vigil auth [--config FILE] [run|check|create-user|rotate-keys]` runs or administers the
 //!   auth service.
+//! - `vigil exporter --config FILE [run|check]` serves the exporter's `/metrics` (database,
+//!   certificates, probes) or checks its config.
 //! - `vigil waf test|rules` explains the WAF's decisions and lists its rules (`waf_cli`).
 //!
 //! Logs are JSON lines on stdout (`RUST_LOG` filters them); command results and errors go to
@@ -59,6 +61,14 @@ enum Command {
         #[command(subcommand)]
         action: waf_cli::WafAction,
     },
+    /// The exporter: database, certificate and probe metrics on /metrics.
+    Exporter {
+        /// exporter.toml
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<ExporterAction>,
+    },
     /// The auth and content service.
     Auth {
         /// auth.toml; the defaults apply when omitted.
@@ -67,6 +77,14 @@ enum Command {
         #[command(subcommand)]
         action: Option<AuthAction>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExporterAction {
+    /// Serve /metrics (the default).
+    Run,
+    /// Check the config file: every error at once, each with its file and key; exit 1 on any.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +156,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Waf { action } => waf_cli::run(action),
+        Command::Exporter { config, action } => {
+            let Some(path) = config else {
+                bail!(
+                    "vigil exporter needs --config FILE (config/exporter.toml is the shipped one)"
+                );
+            };
+            let config = exporter::Config::load(&path)?;
+            match action.unwrap_or(ExporterAction::Run) {
+                ExporterAction::Run => runtime()?.block_on(serve_exporter(config)),
+                ExporterAction::Check => {
+                    eprintln!("{}: ok", path.display());
+                    Ok(())
+                }
+            }
+        }
         Command::Auth { config, action } => {
             let config = load_auth_config(config.as_deref())?;
             match action.unwrap_or(AuthAction::Run) {
@@ -192,6 +225,12 @@ pub struct UpOptions {
     /// The auth admin (metrics) address.
     #[arg(long, default_value = "127.0.0.1:9902")]
     pub auth_admin: SocketAddr,
+    /// The exporter's /metrics address.
+    #[arg(long, default_value = "127.0.0.1:9903")]
+    pub exporter: SocketAddr,
+    /// How long the exporter reuses a collector's result (milliseconds).
+    #[arg(long, default_value_t = 5000)]
+    pub exporter_cache_ms: u64,
     /// Seconds the proxy keeps serving in-flight requests after Ctrl-C or SIGTERM.
     #[arg(long, default_value_t = 1)]
     pub grace_period_secs: u64,
@@ -213,12 +252,70 @@ impl UpOptions {
         config.tokens.keys_path = self.data_dir.join("keys/signing.json");
         config
     }
+
+    /// The exporter's config: the database collector on the SQLite file, the certificate
+    /// collector on the generated certificate and on what the HTTPS listener serves, and probes
+    /// of the edge (the JWKS over HTTPS, trusting the generated certificate) and of the auth
+    /// service's health at `auth_api`.
+    pub fn exporter_config(&self, auth_api: SocketAddr) -> exporter::Config {
+        use exporter::config::{CertEndpoint, CertFile, Database, ProbeTarget};
+        let mut config = exporter::Config::default();
+        config.listen.addr = self.exporter;
+        config.scrape.cache_ms = self.exporter_cache_ms;
+        config.database = Some(Database::with_url(format!(
+            "sqlite://{}",
+            self.data_dir.join("vigil.db").display()
+        )));
+        let cert = self.data_dir.join("certs/self-signed.crt");
+        config.certificates.files.push(CertFile {
+            name: "edge".into(),
+            path: cert.clone(),
+        });
+        let https = reachable(self.https);
+        config.certificates.endpoints.push(CertEndpoint {
+            name: "edge_https".into(),
+            addr: https.to_string(),
+            server_name: "localhost".into(),
+        });
+        let mut jwks = ProbeTarget::new(
+            "edge_jwks",
+            format!("https://localhost:{}/.well-known/jwks.json", https.port()),
+        );
+        jwks.expect_body = Some("\"keys\"".into());
+        jwks.ca_file = Some(cert);
+        if !https.ip().is_loopback() {
+            // Listening on one address only: connect there, still asking for localhost.
+            jwks.connect_to = Some(https);
+        }
+        config.probes.targets.push(jwks);
+        let mut health = ProbeTarget::new(
+            "auth_health",
+            format!("http://{}/health", reachable(auth_api)),
+        );
+        health.expect_body = Some("ok".into());
+        config.probes.targets.push(health);
+        config
+    }
+}
+
+/// Where a client on this host reaches a listener bound to `addr` (loopback for a wildcard).
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
 }
 
 /// The whole stack, built and bound: what `vigil up` runs and the e2e harness starts.
 pub struct Stack {
     auth: auth::Service,
     proxy: proxy::Proxy,
+    exporter: exporter::Server,
     https: SocketAddr,
     http: SocketAddr,
     proxy_admin: SocketAddr,
@@ -251,9 +348,13 @@ impl Stack {
             ..Default::default()
         };
         let proxy = proxy::Proxy::new(built, &run)?;
+        let exporter = exporter::Server::bind(&opts.exporter_config(auth.api_addr()))
+            .await
+            .with_context(|| format!("starting the exporter on {}", opts.exporter))?;
         Ok(Self {
             auth,
             proxy,
+            exporter,
             https: opts.https,
             http: opts.http,
             proxy_admin: opts.proxy_admin,
@@ -285,8 +386,16 @@ impl Stack {
         format!("http://{}/metrics", self.auth.admin_addr())
     }
 
+    /// The exporter's metrics URL.
+    pub fn exporter_metrics_url(&self) -> String {
+        match self.exporter.local_addr() {
+            Ok(addr) => format!("http://{addr}/metrics"),
+            Err(_) => String::from("(the exporter has no address)"),
+        }
+    }
+
     /// Serves until `shutdown` resolves, then drains: the proxy first (requests in flight at the
-    /// edge still reach auth), then auth. `ready` runs once every listener answers.
+    /// edge still reach auth), then auth, then the exporter. `ready` runs once every listener answers.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -300,6 +409,10 @@ impl Stack {
         let (stop_auth, auth_stopped) = tokio::sync::oneshot::channel::<()>();
         let mut auth = tokio::spawn(self.auth.run(async move {
             let _ = auth_stopped.await;
+        }));
+        let (stop_exporter, exporter_stopped) = tokio::sync::oneshot::channel::<()>();
+        let exporter = tokio::spawn(self.exporter.run(async move {
+            let _ = exporter_stopped.await;
         }));
         let outcome = tokio::select! {
             listening = wait_for_listener(self.https) => {
@@ -317,10 +430,14 @@ impl Stack {
             .await?
             .map_err(|_| anyhow::anyhow!("the proxy thread panicked"))?;
         let _ = stop_auth.send(());
-        match outcome {
-            Some(ended) => ended??,
-            None => auth.await??,
-        }
+        let auth_result = match outcome {
+            Some(ended) => ended,
+            None => auth.await,
+        };
+        let _ = stop_exporter.send(());
+        let exporter_result = exporter.await;
+        auth_result??;
+        exporter_result??;
         Ok(())
     }
 }
@@ -360,6 +477,7 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
     eprintln!("proxy metrics:   {}", stack.proxy_metrics_url());
     eprintln!("auth API:        {}   (direct, loopback)", stack.auth_url());
     eprintln!("auth metrics:    {}", stack.auth_metrics_url());
+    eprintln!("exporter:        {}", stack.exporter_metrics_url());
     eprintln!("data:            {}", opts.data_dir.display());
     stack
         .run(shutdown_signal(), || {
@@ -367,6 +485,13 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
         })
         .await?;
     eprintln!("vigil stopped");
+    Ok(())
+}
+
+async fn serve_exporter(config: exporter::Config) -> anyhow::Result<()> {
+    let server = exporter::Server::bind(&config).await?;
+    eprintln!("exporter:        http://{}/metrics", server.local_addr()?);
+    server.run(shutdown_signal()).await?;
     Ok(())
 }
 
@@ -474,6 +599,65 @@ mod tests {
         assert!(matches!(action, Some(AuthAction::RotateKeys)));
         let cli = Cli::try_parse_from(["vigil", "auth"]).unwrap();
         assert!(matches!(cli.command, Command::Auth { action: None, .. }));
+    }
+
+    #[test]
+    fn exporter_check_reports_every_error_with_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("vigil-exporter-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[scrape]\ncache_ms = -1\n[database]\nurl = \"mysql://x\"\n",
+        )
+        .unwrap();
+        let err = run_args([
+            "vigil",
+            "exporter",
+            "check",
+            "--config",
+            bad.to_str().unwrap(),
+        ])
+        .unwrap_err()
+        .to_string();
+        let at = bad.display().to_string();
+        assert!(err.contains(&format!("{at}: scrape.cache_ms: ")), "{err}");
+        assert!(
+            err.contains(&format!("{at}: database.url: must start with")),
+            "{err}"
+        );
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/exporter.toml");
+        run_args(["vigil", "exporter", "check", "--config", shipped]).unwrap();
+        assert!(run_args(["vigil", "exporter", "check"]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn vigil_up_exports_its_own_stack() {
+        let cli = Cli::try_parse_from(["vigil", "up", "--data-dir", "d"]).unwrap();
+        let Command::Up(opts) = cli.command else {
+            panic!("up")
+        };
+        let c = opts.exporter_config(SocketAddr::from(([127, 0, 0, 1], 3000)));
+        assert_eq!(c.listen.addr.port(), 9903);
+        assert_eq!(
+            c.database.as_ref().unwrap().url.as_deref(),
+            Some("sqlite://d/vigil.db")
+        );
+        assert_eq!(
+            c.certificates.files[0].path,
+            Path::new("d/certs/self-signed.crt")
+        );
+        assert_eq!(c.certificates.endpoints[0].addr, "127.0.0.1:8443");
+        let urls: Vec<_> = c.probes.targets.iter().map(|t| t.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "https://localhost:8443/.well-known/jwks.json",
+                "http://127.0.0.1:3000/health"
+            ]
+        );
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Running {
     pub auth_metrics_url: String,
     /// The proxy's `/readyz`.
     pub proxy_ready_url: String,
+    /// The exporter's metrics URL.
+    pub exporter_metrics_url: String,
     /// What `vigil up` was started with.
     pub options: vigil::UpOptions,
     access_log: Arc<Mutex<Vec<u8>>>,
@@ -59,6 +61,8 @@ impl Running {
             proxy_admin: port(free_port()),
             auth_listen: port(0),
             auth_admin: port(0),
+            exporter: port(0),
+            exporter_cache_ms: 0,
             grace_period_secs: 0,
             access_log: proxy::access_log::Sink::Memory(Arc::default()),
         };
@@ -69,6 +73,7 @@ impl Running {
         let (https_url, http_url) = (stack.https_url(), stack.http_url());
         let (proxy_metrics_url, auth_metrics_url) =
             (stack.proxy_metrics_url(), stack.auth_metrics_url());
+        let exporter_metrics_url = stack.exporter_metrics_url();
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(stack.run(
@@ -92,6 +97,7 @@ impl Running {
             proxy_metrics_url,
             auth_metrics_url,
             proxy_ready_url: format!("http://{}/readyz", opts.proxy_admin),
+            exporter_metrics_url,
             access_log,
             https: opts.https,
             options: opts.clone(),
@@ -293,6 +299,31 @@ pub async fn metric(url: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Polls `url` until `series` (`name{labels}` exactly as exported) reads `want` (bounded);
+/// returns the last metrics text.
+pub async fn wait_metric(url: &str, series: &str, want: f64) -> String {
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = reqwest::get(url)
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("a metrics body");
+        let value = text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        });
+        if value == Some(want) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{series} never read {want} at {url}:\n{text}");
 }
 
 /// The current key of an auth key file: its kid and its signing key.

@@ -653,6 +653,8 @@ async fn with_the_jwks_down_at_start_the_edge_answers_503_then_recovers() {
         proxy_admin: ([127, 0, 0, 1], 0).into(),
         auth_listen: ([127, 0, 0, 1], auth_port).into(),
         auth_admin: ([127, 0, 0, 1], 0).into(),
+        exporter: ([127, 0, 0, 1], 0).into(),
+        exporter_cache_ms: 0,
         grace_period_secs: 0,
         access_log: proxy::access_log::Sink::default(),
     };
@@ -783,4 +785,106 @@ async fn the_default_waf_refuses_attacks_and_lets_the_api_s_own_data_through() {
         !line["waf_rule_ids"].as_array().unwrap().is_empty(),
         "{line}"
     );
+}
+
+/// Every family the exporter of `vigil up` serves (database, certificates, probes, its own).
+const EXPORTER_FAMILIES: [&str; 14] = [
+    "vigil_exporter_collector_success",
+    "vigil_exporter_collector_duration_seconds",
+    "vigil_users",
+    "vigil_users_disabled",
+    "vigil_active_users",
+    "vigil_content_items",
+    "vigil_sessions_active",
+    "vigil_database_up",
+    "vigil_database_query_duration_seconds",
+    "vigil_tls_certificate_expiry_timestamp_seconds",
+    "vigil_tls_certificate_not_before_timestamp_seconds",
+    "vigil_probe_success",
+    "vigil_probe_duration_seconds",
+    "vigil_probe_http_status",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exporter_counts_what_the_stack_wrote_and_sees_its_certificate() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Running::start(dir.path()).await;
+    let url = stack.exporter_metrics_url.clone();
+
+    // A fresh stack already shows every family, and its own edge and auth service answer.
+    let text = e2e::wait_metric(&url, r#"vigil_probe_success{target="edge_jwks"}"#, 1.0).await;
+    for family in EXPORTER_FAMILIES {
+        assert!(
+            text.contains(&format!("# TYPE {family} gauge")),
+            "{family}\n{text}"
+        );
+    }
+    for series in [
+        r#"vigil_probe_success{target="auth_health"} 1"#,
+        r#"vigil_probe_http_status{target="edge_jwks"} 200"#,
+        r#"vigil_exporter_collector_success{collector="database"} 1"#,
+        r#"vigil_exporter_collector_success{collector="certificates"} 1"#,
+        r#"vigil_exporter_collector_success{collector="probes"} 1"#,
+        r#"vigil_users{role="user"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == series), "{series}\n{text}");
+    }
+    for phase in ["dns", "connect", "tls", "first_byte"] {
+        let series =
+            format!(r#"vigil_probe_duration_seconds{{phase="{phase}",target="edge_jwks"}} "#);
+        assert!(text.contains(&series), "{series}\n{text}");
+    }
+
+    // The certificate's dates are the generated certificate's, from the file and the listener.
+    let pem = std::fs::read(dir.path().join("certs/self-signed.crt")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
+    let (not_before, not_after) = (
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
+    for name in ["edge", "edge_https"] {
+        let expiry = format!(r#"vigil_tls_certificate_expiry_timestamp_seconds{{cert="{name}"}}"#);
+        let start =
+            format!(r#"vigil_tls_certificate_not_before_timestamp_seconds{{cert="{name}"}}"#);
+        assert_eq!(e2e::metric(&url, &expiry).await, not_after as f64);
+        assert_eq!(e2e::metric(&url, &start).await, not_before as f64);
+    }
+
+    // Known writes through the edge: 3 users register and sign in, an admin is made by the
+    // command, one user writes 2 content items.
+    let anon = stack.client();
+    let (ann, _) = anon.register_and_login("ann@example.com").await;
+    anon.register_and_login("bob@example.com").await;
+    anon.register_and_login("cid@example.com").await;
+    let auth_config = stack.options.auth_config();
+    auth::create_user(auth_config, "root@example.com", PASSWORD, true)
+        .await
+        .unwrap();
+    for status in ["draft", "published"] {
+        let r = ann
+            .call(
+                "POST",
+                "/content",
+                Some(json!({"title": status, "body": "text", "status": status})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    let text = e2e::wait_metric(&url, r#"vigil_users{role="user"}"#, 3.0).await;
+    for series in [
+        r#"vigil_users{role="admin"} 1"#,
+        "vigil_users_disabled 0",
+        // Seen: the three who signed in; the admin never has.
+        r#"vigil_active_users{window="5m"} 3"#,
+        r#"vigil_active_users{window="24h"} 3"#,
+        r#"vigil_content_items{status="draft"} 1"#,
+        r#"vigil_content_items{status="published"} 1"#,
+        "vigil_sessions_active 3",
+        "vigil_database_up 1",
+    ] {
+        assert!(text.lines().any(|l| l == series), "{series}\n{text}");
+    }
+    stack.stop().await;
 }
