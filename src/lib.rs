@@ -111,8 +111,18 @@ enum AuthAction {
 /// Parses the command line and runs it; the binary's whole `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    // The auth service's spans go through the process's subscriber, so its exporter starts
+    // before the subscriber is installed.
+    let auth_tracing = match auth_tracing(&cli) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vigil: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    use tracing_subscriber::util::SubscriberInitExt;
+    subscriber(auth_tracing.as_ref()).init();
+    match run(cli, auth_tracing) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vigil: {e:#}");
@@ -128,12 +138,26 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    run(Cli::try_parse_from(args)?)
+    run(Cli::try_parse_from(args)?, None)
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// The auth service's span export, for the commands that run it with `[tracing]` on.
+fn auth_tracing(cli: &Cli) -> anyhow::Result<Option<telemetry::Pipeline>> {
+    let config = match &cli.command {
+        Command::Up(opts) => opts.tracing_config(),
+        Command::Auth {
+            config,
+            action: None | Some(AuthAction::Run),
+        } => load_auth_config(config.as_deref())?.tracing,
+        _ => return Ok(None),
+    };
+    let counters = telemetry::Counters::new("vigil_auth");
+    Ok(telemetry::Pipeline::start(&config, "vigil-auth", counters)?)
+}
+
+fn run(cli: Cli, auth_tracing: Option<telemetry::Pipeline>) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up(opts) => runtime()?.block_on(up(opts)),
+        Command::Up(opts) => runtime()?.block_on(up(opts, auth_tracing)),
         Command::Proxy {
             config,
             upgrade,
@@ -174,7 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Auth { config, action } => {
             let config = load_auth_config(config.as_deref())?;
             match action.unwrap_or(AuthAction::Run) {
-                AuthAction::Run => runtime()?.block_on(serve_auth(config)),
+                AuthAction::Run => runtime()?.block_on(serve_auth(config, auth_tracing)),
                 AuthAction::Check => {
                     eprintln!("config ok");
                     Ok(())
@@ -234,12 +258,30 @@ pub struct UpOptions {
     /// Seconds the proxy keeps serving in-flight requests after Ctrl-C or SIGTERM.
     #[arg(long, default_value_t = 1)]
     pub grace_period_secs: u64,
+    /// Export traces of the proxy and the auth service to this OTLP/HTTP collector
+    /// (`http://127.0.0.1:4318`: Jaeger, Tempo or an OpenTelemetry Collector).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces exported with --otlp-endpoint.
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_sampling_ratio: f64,
     /// Where the proxy's access log goes (stdout; tests keep it in memory).
     #[arg(skip)]
     pub access_log: proxy::access_log::Sink,
 }
 
 impl UpOptions {
+    /// The `[tracing]` both services run with: off, or every trace to `--otlp-endpoint`,
+    /// exported each second.
+    pub fn tracing_config(&self) -> telemetry::TracingConfig {
+        telemetry::TracingConfig {
+            endpoint: self.otlp_endpoint.clone(),
+            sampling_ratio: self.trace_sampling_ratio,
+            export_interval_ms: 1000,
+            ..Default::default()
+        }
+    }
+
     /// The auth service's config: the defaults with state under `data_dir`.
     pub fn auth_config(&self) -> auth::Config {
         let mut config = auth::Config::default();
@@ -324,8 +366,13 @@ pub struct Stack {
 impl Stack {
     /// Opens the state under `opts.data_dir`, binds the auth listeners and builds the proxy in
     /// front of them (its listeners bind when it runs).
-    pub async fn bind(opts: &UpOptions) -> anyhow::Result<Self> {
-        let auth = auth::Service::bind(opts.auth_config())
+    pub async fn bind(
+        opts: &UpOptions,
+        auth_tracing: Option<telemetry::Pipeline>,
+    ) -> anyhow::Result<Self> {
+        let mut auth_config = opts.auth_config();
+        auth_config.tracing = opts.tracing_config();
+        let auth = auth::Service::bind_traced(auth_config, auth_tracing)
             .await
             .with_context(|| format!("starting the auth service on {}", opts.auth_listen))?;
         let toml = include_str!("up-proxy.toml")
@@ -337,10 +384,18 @@ impl Stack {
                 "{certs}",
                 &opts.data_dir.join("certs").display().to_string(),
             );
-        let built = proxy::build(
-            proxy::config::parse(&toml, "vigil up's proxy config")?,
-            None,
-        )?;
+        let mut config = proxy::config::parse(&toml, "vigil up's proxy config")?;
+        config.tracing = opts.tracing_config();
+        config
+            .tracing
+            .problems()
+            .first()
+            .map_or(Ok(()), |(key, message)| {
+                Err(anyhow::anyhow!(
+                    "--otlp-endpoint / tracing.{key}: {message}"
+                ))
+            })?;
+        let built = proxy::build(config, None)?;
         let run = proxy::RunOptions {
             upgrade_sock: opts.data_dir.join("upgrade.sock").display().to_string(),
             grace_period_secs: opts.grace_period_secs,
@@ -464,8 +519,8 @@ async fn wait_for_listener(addr: SocketAddr) -> anyhow::Result<()> {
     anyhow::bail!("the proxy did not start listening on {addr}")
 }
 
-async fn up(opts: UpOptions) -> anyhow::Result<()> {
-    let stack = Stack::bind(&opts).await?;
+async fn up(opts: UpOptions, auth_tracing: Option<telemetry::Pipeline>) -> anyhow::Result<()> {
+    let stack = Stack::bind(&opts, auth_tracing).await?;
     eprintln!(
         "public (HTTPS):  {}   (self-signed unless configured: curl -k)",
         stack.https_url()
@@ -495,8 +550,11 @@ async fn serve_exporter(config: exporter::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_auth(config: auth::Config) -> anyhow::Result<()> {
-    auth::Service::bind(config)
+async fn serve_auth(
+    config: auth::Config,
+    tracing: Option<telemetry::Pipeline>,
+) -> anyhow::Result<()> {
+    auth::Service::bind_traced(config, tracing)
         .await?
         .run(shutdown_signal())
         .await?;
@@ -564,18 +622,32 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging() {
+/// The process's subscriber: JSON lines on stdout (`RUST_LOG` filters them) with the request
+/// ids of the span they happen in, and, when `auth` exports, the auth service's spans to OTLP.
+pub fn subscriber(
+    auth: Option<&telemetry::Pipeline>,
+) -> impl tracing::Subscriber + Send + Sync + 'static {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
             "info,sqlx=warn,pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn",
         )
     });
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_env_filter(filter)
-        .init();
+    let spans = auth.map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer_provider().tracer("vigil-auth"))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("auth", tracing::Level::INFO),
+            )
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(telemetry::IdsLayer)
+        .with(tracing_subscriber::fmt::layer().event_format(telemetry::JsonLines))
+        .with(spans)
 }
 
 #[cfg(test)]

@@ -28,6 +28,9 @@ pub struct Config {
     /// Request limits.
     #[serde(default)]
     pub limits: Limits,
+    /// OTLP export of the service's spans (off unless an endpoint is set).
+    #[serde(default)]
+    pub tracing: telemetry::TracingConfig,
 }
 
 /// `[listen]`
@@ -202,9 +205,9 @@ impl Config {
             }
         };
         for key in table.keys() {
-            if !["listen", "database", "tokens", "limits"].contains(&key.as_str()) {
+            if !["listen", "database", "tokens", "limits", "tracing"].contains(&key.as_str()) {
                 errors.push(format!(
-                    "{key}: unknown section, expected one of listen, database, tokens, limits"
+                    "{key}: unknown section, expected one of listen, database, tokens, limits, tracing"
                 ));
             }
         }
@@ -213,6 +216,7 @@ impl Config {
             database: section(&table, "database", &mut errors),
             tokens: section(&table, "tokens", &mut errors),
             limits: section(&table, "limits", &mut errors),
+            tracing: section(&table, "tracing", &mut errors),
         };
         config.check(&mut errors);
         if errors.is_empty() {
@@ -228,6 +232,9 @@ impl Config {
     }
 
     fn check(&self, errors: &mut Vec<String>) {
+        for (key, msg) in self.tracing.problems() {
+            errors.push(format!("tracing.{key}: {msg}"));
+        }
         let mut bad = |key: &str, msg: &str| errors.push(format!("{key}: {msg}"));
         if self.database.max_connections == 0 {
             bad("database.max_connections", "must be at least 1");

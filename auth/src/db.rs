@@ -20,6 +20,16 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The backend as OpenTelemetry's `db.system` names it.
+    pub fn system(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgresql",
+        }
+    }
+}
+
 /// A failure to open or migrate the database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -1,5 +1,5 @@
 //! The one error type of the API and the JSON body every error answers with:
-//! `{"error": code, "message": …, "request_id": …}`.
+//! `{"error": code, "message": …, "request_id": …, "trace_id": …}`.
 //!
 //! A handler returns `ApiError`; internal causes are logged with the request id and never shown to
 //! the client. The request id comes from a task-local that the request-id middleware sets, so
@@ -13,16 +13,32 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+/// The ids of the request being served.
+#[derive(Clone, Debug)]
+pub struct RequestIds {
+    /// The request id (the caller's, if well-formed, else a new one).
+    pub request_id: String,
+    /// The W3C trace id the request belongs to.
+    pub trace_id: String,
+}
+
 tokio::task_local! {
-    /// The id of the request being served, set by [`crate::api::request_context`].
-    pub static REQUEST_ID: String;
+    /// The ids of the request being served, set by [`crate::api::request_context`].
+    pub static REQUEST: RequestIds;
 }
 
 /// The current request's id, or `-` outside a request.
 pub fn current_request_id() -> String {
-    REQUEST_ID
-        .try_with(Clone::clone)
+    REQUEST
+        .try_with(|ids| ids.request_id.clone())
         .unwrap_or_else(|_| "-".to_owned())
+}
+
+/// The current request's trace id, or empty outside a request.
+pub fn current_trace_id() -> String {
+    REQUEST
+        .try_with(|ids| ids.trace_id.clone())
+        .unwrap_or_default()
 }
 
 /// An error the API answers with.
@@ -45,6 +61,8 @@ pub struct ErrorBody {
     pub message: String,
     /// The request id, also in the `x-request-id` response header.
     pub request_id: String,
+    /// The W3C trace id of the request, as the logs and traces carry it.
+    pub trace_id: String,
 }
 
 impl ApiError {
@@ -86,7 +104,7 @@ impl ApiError {
     }
     /// 500: the cause is logged, the client sees a generic message.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        tracing::error!(request_id = %current_request_id(), error = %cause, "internal error");
+        tracing::error!(error = %cause, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -103,7 +121,7 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-                tracing::warn!(request_id = %current_request_id(), error = %e, "database unavailable");
+                tracing::warn!(error = %e, "database unavailable");
                 Self::unavailable("the database is not reachable, try again")
             }
             e => Self::internal(e),
@@ -117,6 +135,7 @@ impl IntoResponse for ApiError {
             error: self.code.to_owned(),
             message: self.message.into_owned(),
             request_id: current_request_id(),
+            trace_id: current_trace_id(),
         };
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {

@@ -41,6 +41,8 @@ pub struct Inner {
     pub tokens: tokens::Tokens,
     /// Metric families.
     pub metrics: metrics::Metrics,
+    /// Span export, when `[tracing]` has an endpoint (flushed when the service stops).
+    pub tracing: Option<telemetry::Pipeline>,
 }
 
 impl Deref for AppState {
@@ -71,14 +73,29 @@ pub enum StartError {
 
 impl AppState {
     /// Opens the database (running migrations) and loads or generates the signing keys.
-    pub async fn open(config: Config) -> Result<Self, StartError> {
+    pub async fn open(
+        config: Config,
+        tracing: Option<telemetry::Pipeline>,
+    ) -> Result<Self, StartError> {
         let db = db::Db::connect(&config.database_url(), config.database.max_connections).await?;
-        Self::with_db(config, db)
+        Self::with_db_traced(config, db, tracing)
     }
 
     /// Builds the state over an already opened database (tests pass one per schema).
     pub fn with_db(config: Config, db: db::Db) -> Result<Self, StartError> {
-        let metrics = metrics::Metrics::new();
+        Self::with_db_traced(config, db, None)
+    }
+
+    /// Like [`Self::with_db`], with the span export pipeline whose counters it serves.
+    pub fn with_db_traced(
+        config: Config,
+        db: db::Db,
+        tracing: Option<telemetry::Pipeline>,
+    ) -> Result<Self, StartError> {
+        let metrics = match &tracing {
+            Some(p) => metrics::Metrics::with_trace(p.counters().clone()),
+            None => metrics::Metrics::new(),
+        };
         let tokens = tokens::Tokens::load(&config.tokens)?;
         let passwords = password::Passwords::new(metrics.password_hash_duration.clone());
         Ok(Self(Arc::new(Inner {
@@ -87,6 +104,7 @@ impl AppState {
             passwords,
             tokens,
             metrics,
+            tracing,
         })))
     }
 }
@@ -106,8 +124,17 @@ pub struct Service {
 impl Service {
     /// Opens the state and binds both listeners (port 0 picks a free port; see [`Self::api_addr`]).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        Self::bind_traced(config, None).await
+    }
+
+    /// Like [`Self::bind`], exporting spans through `tracing` (started by the caller, since the
+    /// `tracing-opentelemetry` layer is installed with the process's subscriber).
+    pub async fn bind_traced(
+        config: Config,
+        tracing: Option<telemetry::Pipeline>,
+    ) -> Result<Self, StartError> {
         let (api_addr, admin_addr) = (config.listen.api, config.listen.admin);
-        let state = AppState::open(config).await?;
+        let state = AppState::open(config, tracing).await?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -163,6 +190,9 @@ impl Service {
         let result = tokio::try_join!(api.into_future(), admin.into_future());
         signal.abort();
         self.state.db.pool.close().await;
+        if let Some(tracing) = self.state.tracing.clone() {
+            let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        }
         result.map(|_| ())
     }
 }
@@ -202,7 +232,7 @@ pub async fn create_user(
     password: &str,
     admin: bool,
 ) -> Result<String, CommandError> {
-    let state = AppState::open(config).await?;
+    let state = AppState::open(config, None).await?;
     let role = if admin {
         store::Role::Admin
     } else {

@@ -27,12 +27,20 @@ pub struct Metrics {
     pub refresh_reuse_detected: IntCounter,
     /// `vigil_auth_signing_key_reloads_total{result}`: key set reloads from disk
     pub key_reloads: IntCounterVec,
+    /// `vigil_auth_trace_spans_{exported,dropped}_total`, `vigil_auth_trace_export_failures_total`
+    pub trace: telemetry::Counters,
 }
 
 impl Metrics {
     /// Creates the families in a fresh registry.
     pub fn new() -> Self {
+        Self::with_trace(telemetry::Counters::new("vigil_auth"))
+    }
+
+    /// Like [`Self::new`], with the span counters an export pipeline already moves.
+    pub fn with_trace(trace: telemetry::Counters) -> Self {
         let registry = Registry::new();
+        trace.register(&registry).expect("metric registered once");
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c =
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
@@ -111,6 +119,7 @@ impl Metrics {
             password_hash_duration,
             refresh_reuse_detected,
             key_reloads,
+            trace,
         }
     }
 

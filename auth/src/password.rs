@@ -83,6 +83,7 @@ impl Passwords {
     }
 
     /// Hashes `password` into a PHC string.
+    #[tracing::instrument(name = "password hash", skip_all)]
     pub async fn hash(&self, password: String) -> Result<String, HashError> {
         self.run(move |argon| {
             let salt = SaltString::generate(&mut OsRng);
@@ -96,6 +97,7 @@ impl Passwords {
 
     /// Whether `password` matches `phc`. With `phc = None` (no such account) the same work is
     /// done against a dummy hash and the answer is `false`.
+    #[tracing::instrument(name = "password verify", skip_all)]
     pub async fn verify(&self, password: String, phc: Option<String>) -> Result<bool, HashError> {
         let known = phc.is_some();
         let phc = phc.unwrap_or_else(|| self.dummy_hash.clone());

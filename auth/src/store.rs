@@ -152,6 +152,7 @@ const USER_COLUMNS: &str =
 const CONTENT_COLUMNS: &str = "id, owner_id, title, body, status, created_at, updated_at";
 
 /// Inserts a user; `None` when the email is taken (case-insensitively).
+#[tracing::instrument(name = "INSERT users", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "INSERT", db.collection.name = "users"))]
 pub async fn insert_user(
     db: &Db,
     email: &str,
@@ -180,6 +181,7 @@ pub fn email_key(email: &str) -> String {
 }
 
 /// The user with this email (any case).
+#[tracing::instrument(name = "SELECT users", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "SELECT", db.collection.name = "users"))]
 pub async fn user_by_email(db: &Db, email: &str) -> sqlx::Result<Option<User>> {
     let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE email_key = $1");
     sqlx::query_as(&sql)
@@ -189,6 +191,7 @@ pub async fn user_by_email(db: &Db, email: &str) -> sqlx::Result<Option<User>> {
 }
 
 /// The user with this id.
+#[tracing::instrument(name = "SELECT users", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "SELECT", db.collection.name = "users"))]
 pub async fn user_by_id(db: &Db, id: &str) -> sqlx::Result<Option<User>> {
     let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
     sqlx::query_as(&sql).bind(id).fetch_optional(&db.pool).await
@@ -196,6 +199,7 @@ pub async fn user_by_id(db: &Db, id: &str) -> sqlx::Result<Option<User>> {
 
 /// The user behind an access token: only if the user exists and is enabled and the token's
 /// session is neither revoked nor expired. Also marks the user as seen (at most once a minute).
+#[tracing::instrument(name = "SELECT users", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "SELECT", db.collection.name = "users"))]
 pub async fn authenticated_user(
     db: &Db,
     user_id: &str,
@@ -222,6 +226,7 @@ pub async fn authenticated_user(
 const LAST_SEEN_RESOLUTION_MS: i64 = 60_000;
 
 /// Sets `last_seen_at` unless it was set less than a minute ago.
+#[tracing::instrument(name = "UPDATE users", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "UPDATE", db.collection.name = "users"))]
 pub async fn touch_last_seen(db: &Db, user_id: &str, now: i64) -> sqlx::Result<()> {
     sqlx::query("UPDATE users SET last_seen_at = $2 WHERE id = $1 AND (last_seen_at IS NULL OR last_seen_at < $3)")
         .bind(user_id)
@@ -233,6 +238,7 @@ pub async fn touch_last_seen(db: &Db, user_id: &str, now: i64) -> sqlx::Result<(
 }
 
 /// One page of users, newest first.
+#[tracing::instrument(name = "SELECT users", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "SELECT", db.collection.name = "users"))]
 pub async fn list_users(db: &Db, limit: i64, after: Option<&Cursor>) -> sqlx::Result<Vec<User>> {
     let sql = format!(
         "SELECT {USER_COLUMNS} FROM users WHERE ($1 IS NULL OR created_at < $1 OR (created_at = $1 AND id < $2)) \
@@ -275,6 +281,7 @@ const LOCK_ADMINS: &str =
 ///
 /// Refused ([`Guarded::LastAdmin`]) when it would leave no enabled admin: the check is part of
 /// the `UPDATE` itself, never a separate read before it.
+#[tracing::instrument(name = "UPDATE users", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "UPDATE", db.collection.name = "users"))]
 pub async fn update_user(
     db: &Db,
     id: &str,
@@ -314,6 +321,7 @@ pub async fn update_user(
 }
 
 /// Deletes a user with their sessions and content, unless they are the last enabled admin.
+#[tracing::instrument(name = "DELETE users", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "DELETE", db.collection.name = "users"))]
 pub async fn delete_user(db: &Db, id: &str) -> sqlx::Result<Guarded<()>> {
     let mut tx = db.pool.begin().await?;
     sqlx::query(LOCK_ADMINS).execute(&mut *tx).await?;
@@ -349,6 +357,7 @@ async fn refused<T>(
 /// Starts a session (a refresh-token family) whose first token has `token_hash` and expires at
 /// `expires_at`. The session ends for good at `absolute_expires_at`: no refresh moves that, and
 /// the first token's expiry is capped at it. Returns the session id and the token's expiry.
+#[tracing::instrument(name = "INSERT sessions", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "INSERT", db.collection.name = "sessions"))]
 pub async fn create_session(
     db: &Db,
     user_id: &str,
@@ -394,6 +403,7 @@ pub async fn create_session(
 ///
 /// The conditional UPDATE comes first: of two concurrent refreshes with the same token exactly
 /// one rotates it, and the other sees a rotated token, which is reuse.
+#[tracing::instrument(name = "UPDATE sessions", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "UPDATE", db.collection.name = "sessions"))]
 pub async fn rotate_refresh(
     db: &Db,
     old_hash: &str,
@@ -479,6 +489,7 @@ pub async fn rotate_refresh(
 }
 
 /// Revokes the session the refresh token with `token_hash` belongs to. Unknown tokens are ignored.
+#[tracing::instrument(name = "UPDATE sessions", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "UPDATE", db.collection.name = "sessions"))]
 pub async fn revoke_session_of(db: &Db, token_hash: &str, now: i64) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE sessions SET revoked_at = $2, revoked_reason = 'logout' WHERE revoked_at IS NULL \
@@ -492,6 +503,7 @@ pub async fn revoke_session_of(db: &Db, token_hash: &str, now: i64) -> sqlx::Res
 }
 
 /// Inserts a content item.
+#[tracing::instrument(name = "INSERT content", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "INSERT", db.collection.name = "content"))]
 pub async fn insert_content(
     db: &Db,
     owner_id: &str,
@@ -516,12 +528,14 @@ pub async fn insert_content(
 }
 
 /// A content item by id.
+#[tracing::instrument(name = "SELECT content", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "SELECT", db.collection.name = "content"))]
 pub async fn content_by_id(db: &Db, id: &str) -> sqlx::Result<Option<Content>> {
     let sql = format!("SELECT {CONTENT_COLUMNS} FROM content WHERE id = $1");
     sqlx::query_as(&sql).bind(id).fetch_optional(&db.pool).await
 }
 
 /// One page of the content `viewer` may see (own and published; everything for admins), newest first.
+#[tracing::instrument(name = "SELECT content", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "SELECT", db.collection.name = "content"))]
 pub async fn list_content(
     db: &Db,
     viewer: &User,
@@ -545,6 +559,7 @@ pub async fn list_content(
 }
 
 /// Writes a content item's editable fields.
+#[tracing::instrument(name = "UPDATE content", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "UPDATE", db.collection.name = "content"))]
 pub async fn update_content(db: &Db, item: &Content, now: i64) -> sqlx::Result<Option<Content>> {
     let sql = format!(
         "UPDATE content SET title = $2, body = $3, status = $4, updated_at = $5 WHERE id = $1 RETURNING {CONTENT_COLUMNS}"
@@ -560,6 +575,7 @@ pub async fn update_content(db: &Db, item: &Content, now: i64) -> sqlx::Result<O
 }
 
 /// Deletes a content item; whether it existed.
+#[tracing::instrument(name = "DELETE content", skip_all, fields(otel.kind = "client", db.system = db.backend.system(), db.operation.name = "DELETE", db.collection.name = "content"))]
 pub async fn delete_content(db: &Db, id: &str) -> sqlx::Result<bool> {
     let done = sqlx::query("DELETE FROM content WHERE id = $1")
         .bind(id)

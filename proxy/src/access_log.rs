@@ -26,12 +26,13 @@ pub enum Sink {
 }
 
 /// The fields of every access-log line, in the order they are written: the log contract.
-pub const FIELDS: [&str; 24] = [
+pub const FIELDS: [&str; 25] = [
     "ts",
     "level",
     "service",
     "request_id",
     "trace_id",
+    "span_id",
     "client_ip",
     "method",
     "host",
@@ -64,8 +65,10 @@ pub struct Line<'a> {
     pub service: &'static str,
     /// The request id, also in the response's `x-request-id`.
     pub request_id: &'a str,
-    /// The W3C trace id, when tracing is on (empty otherwise).
+    /// The W3C trace id (the caller's when trusted, else the edge's own), also in error bodies.
     pub trace_id: &'a str,
+    /// The edge's server span in that trace.
+    pub span_id: &'a str,
     /// The client address after `trusted_proxies`.
     pub client_ip: &'a str,
     /// Request method.
@@ -261,6 +264,7 @@ impl Line<'_> {
         raw(out, "service", self.service);
         escaped(out, "request_id", self.request_id);
         escaped(out, "trace_id", self.trace_id);
+        escaped(out, "span_id", self.span_id);
         raw(out, "client_ip", self.client_ip);
         escaped(out, "method", self.method);
         escaped(out, "host", self.host);
@@ -422,6 +426,7 @@ mod tests {
             service: "proxy",
             request_id: "r",
             trace_id: "",
+            span_id: "",
             client_ip: "192.0.2.1",
             method: "GET",
             host: "a.test",

@@ -31,6 +31,8 @@ pub struct Config {
     pub filters: BTreeMap<String, FilterConfig>,
     /// `[[routes]]`, in file order.
     pub routes: Vec<Route>,
+    /// `[tracing]`: OTLP export of the edge's spans (read at start; a reload keeps the old).
+    pub tracing: telemetry::TracingConfig,
 }
 
 /// `[listen]`: where the proxy listens and whom it trusts.
@@ -410,6 +412,11 @@ pub struct Route {
     /// rate-limit policy closest to its limit (draft-ietf-httpapi-ratelimit-headers-10).
     #[serde(default = "yes")]
     pub ratelimit_headers: bool,
+    /// Continue the caller's W3C `traceparent` on this route even when the caller is not in
+    /// `listen.trusted_proxies` (a partner that runs its own tracing); otherwise only trusted
+    /// proxies pick the trace id.
+    #[serde(default)]
+    pub trust_traceparent: bool,
 }
 
 /// What a route does with a path that holds an encoded separator.
@@ -687,6 +694,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         upstreams: errors.named(&table, "upstreams"),
         filters: errors.named(&table, "filters"),
         routes: errors.list(&table, "routes"),
+        tracing: errors.section(&table, "tracing"),
     };
     config.check(&mut errors);
     if errors.0.is_empty() {
@@ -702,7 +710,15 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     }
 }
 
-const SECTIONS: [&str; 6] = ["listen", "tls", "limits", "upstreams", "filters", "routes"];
+const SECTIONS: [&str; 7] = [
+    "listen",
+    "tls",
+    "limits",
+    "upstreams",
+    "filters",
+    "routes",
+    "tracing",
+];
 
 /// `key.path: message` lines, collected.
 #[derive(Default)]
@@ -773,6 +789,9 @@ impl Errors {
 
 impl Config {
     fn check(&self, errors: &mut Errors) {
+        for (key, message) in self.tracing.problems() {
+            errors.push(format!("tracing.{key}"), message);
+        }
         let l = &self.limits;
         if l.max_header_bytes < 1024 {
             errors.push("limits.max_header_bytes", "must be at least 1024");

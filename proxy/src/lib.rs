@@ -25,6 +25,7 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -136,6 +137,7 @@ pub fn build(config: Config, previous: Option<&Built>) -> Result<Built, ConfigEr
         .map(|(r, (security_headers, hsts))| RouteEntry {
             name: Arc::from(r.name.as_str()),
             ratelimit_headers: r.ratelimit_headers,
+            trust_traceparent: r.trust_traceparent,
             host: r
                 .host
                 .as_deref()
@@ -202,6 +204,9 @@ pub enum StartError {
     /// A certificate could not be loaded or generated.
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsError),
+    /// The OTLP exporter could not start.
+    #[error(transparent)]
+    Tracing(#[from] telemetry::StartError),
 }
 
 /// How the server runs (process-level settings that a reload cannot change).
@@ -243,6 +248,8 @@ pub struct Proxy {
     pub metrics: metrics::Metrics,
     /// The certificate resolver of the HTTPS listener, if there is one.
     pub certs: Option<Arc<tls::Resolver>>,
+    /// Trace contexts and span export (flushed when the server stops).
+    pub tracing: Arc<trace::Tracing>,
 }
 
 impl Proxy {
@@ -268,12 +275,17 @@ impl Proxy {
         let metrics = built.metrics.clone();
         let listen = built.config.listen.clone();
 
+        let tracing = Arc::new(trace::Tracing::start(
+            &built.config.tracing,
+            metrics.trace.clone(),
+        )?);
         let built = Arc::new(ArcSwap::from_pointee(built));
         let edge = |tls| server::Edge {
             built: built.clone(),
             metrics: metrics.clone(),
             tls,
             access_log: opts.access_log.clone(),
+            tracing: tracing.clone(),
         };
         let mut services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = vec![
             Box::new(background_service(
@@ -367,6 +379,7 @@ impl Proxy {
             built,
             metrics,
             certs,
+            tracing,
         })
     }
 
@@ -381,8 +394,9 @@ impl Proxy {
         self.server.run(RunArgs {
             shutdown_signal: shutdown,
         });
-        // What the access log still holds goes out before the process ends.
+        // What the access log and the span queue still hold goes out before the process ends.
         access_log::flush();
+        self.tracing.shutdown();
     }
 }
 

@@ -12,6 +12,8 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// `vigil_proxy_trace_spans_{exported,dropped}_total`, `vigil_proxy_trace_export_failures_total`
+    pub trace: telemetry::Counters,
     /// `vigil_proxy_requests_total{route,method,status_class}`
     pub requests: IntCounterVec,
     /// `vigil_proxy_request_duration_seconds{route}`
@@ -271,6 +273,11 @@ impl Metrics {
                 &["result"],
             ),
             config_last_reload_successful,
+            trace: {
+                let c = telemetry::Counters::new("vigil_proxy");
+                c.register(&registry).expect("metric registered once");
+                c
+            },
             registry,
         }
     }

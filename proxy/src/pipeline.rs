@@ -49,11 +49,12 @@ impl Rejection {
     }
 
     /// The JSON error body: `{"error": reason, "message", "request_id", "stage"}`.
-    pub fn body(&self, request_id: &str) -> Vec<u8> {
+    pub fn body(&self, request_id: &str, trace_id: &str) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "error": self.reason,
             "message": self.message,
             "request_id": request_id,
+            "trace_id": trace_id,
             "stage": self.stage,
         }))
         .unwrap_or_default()
@@ -128,6 +129,22 @@ pub struct RequestCtx {
     pub stage: Option<&'static str>,
     /// See `stage`.
     pub reason: Option<&'static str>,
+    /// The filters that ran, for the trace; `None` unless the request is sampled.
+    pub stages: Option<Vec<StageRun>>,
+}
+
+/// One filter's run, as the request's trace shows it (an event on the server span).
+#[derive(Debug, Clone)]
+pub struct StageRun {
+    /// `[filters.NAME]`
+    pub name: String,
+    /// The filter's kind (`ip`, `rate_limit`, `waf`, `jwt`, …).
+    pub kind: &'static str,
+    /// `allow`, `reject` or `shadow`.
+    pub decision: &'static str,
+    /// The reason of a rejection (enforced or shadowed).
+    pub reason: Option<&'static str>,
+    pub at: std::time::SystemTime,
 }
 
 impl RequestCtx {
@@ -150,6 +167,7 @@ impl RequestCtx {
             decision: Decision::Allow,
             stage: None,
             reason: None,
+            stages: None,
         }
     }
 
@@ -306,6 +324,7 @@ impl Pipeline {
                 Some(remote) => remote.on_request(req, ctx).await,
                 None => s.filter.on_request(req, ctx),
             };
+            record(s, &verdict, ctx);
             if let Some(r) = settle(s.mode, verdict, ctx) {
                 return Some(r);
             }
@@ -339,6 +358,9 @@ impl Pipeline {
     ) -> Option<Rejection> {
         for s in &self.stages {
             let verdict = run(s.filter.as_ref(), ctx);
+            if verdict != Verdict::Continue {
+                record(s, &verdict, ctx);
+            }
             if let Some(r) = settle(s.mode, verdict, ctx) {
                 return Some(r);
             }
@@ -349,6 +371,25 @@ impl Pipeline {
 
 /// A stage's verdict as a decision: an enforced rejection stops the request; a shadowed one is
 /// recorded and the request goes on.
+/// Adds a stage's run to a sampled request's trace.
+fn record(s: &Stage, verdict: &Verdict, ctx: &mut RequestCtx) {
+    let Some(runs) = ctx.stages.as_mut() else {
+        return;
+    };
+    let (decision, reason) = match (verdict, s.mode) {
+        (Verdict::Continue, _) => ("allow", None),
+        (Verdict::Reject(r), Mode::Enforce) => ("reject", Some(r.reason)),
+        (Verdict::Reject(r), Mode::Shadow) => ("shadow", Some(r.reason)),
+    };
+    runs.push(StageRun {
+        name: s.name.clone(),
+        kind: s.filter.kind(),
+        decision,
+        reason,
+        at: std::time::SystemTime::now(),
+    });
+}
+
 fn settle(mode: Mode, verdict: Verdict, ctx: &mut RequestCtx) -> Option<Rejection> {
     let Verdict::Reject(r) = verdict else {
         return None;
@@ -542,17 +583,18 @@ mod tests {
     }
 
     #[test]
-    fn the_body_carries_reason_stage_and_request_id() {
+    fn the_body_carries_reason_stage_request_and_trace_id() {
         let r = Rejection::new(
             StatusCode::FORBIDDEN,
             "ip",
             "denied",
             "your network is not allowed",
         );
-        let v: serde_json::Value = serde_json::from_slice(&r.body("abc")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.body("abc", "4bf92f3577b34da6a3ce929d0e0e4736")).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"error": "denied", "message": "your network is not allowed", "request_id": "abc", "stage": "ip"})
+            serde_json::json!({"error": "denied", "message": "your network is not allowed", "request_id": "abc", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "stage": "ip"})
         );
     }
 }

@@ -12,6 +12,8 @@ pub struct RouteEntry {
     pub name: std::sync::Arc<str>,
     /// Whether answers carry the `RateLimit` fields.
     pub ratelimit_headers: bool,
+    /// Continue an untrusted caller's `traceparent` (`trust_traceparent`).
+    pub trust_traceparent: bool,
     /// Lower-cased host, if the route is bound to one.
     pub host: Option<String>,
     /// The path prefix.
@@ -174,6 +176,7 @@ mod tests {
             compression_level: None,
             encoded_separators: Default::default(),
             ratelimit_headers: true,
+            trust_traceparent: false,
             metrics: crate::metrics::RouteMetrics::new(&crate::metrics::Metrics::new(), name, "u"),
         }
     }

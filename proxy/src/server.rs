@@ -38,6 +38,8 @@ pub struct Edge {
     pub tls: bool,
     /// Where access-log lines go.
     pub access_log: crate::access_log::Sink,
+    /// Trace contexts and, when `[tracing]` exports, the spans.
+    pub tracing: Arc<crate::trace::Tracing>,
 }
 
 /// Per-request state.
@@ -62,6 +64,13 @@ pub struct Ctx {
     forwarded_via: Option<(IpAddr, Vec<IpAddr>)>,
     /// `req.request_id` as a header value (upstream and response), made once.
     request_id: HeaderValue,
+    /// The request's trace (set in `request_filter`), its id as the log and bodies write it,
+    /// and the edge's span for the upstream call (named in the upstream's `traceparent`).
+    trace: Option<telemetry::TraceContext>,
+    trace_id: String,
+    upstream_span: Option<opentelemetry::trace::SpanId>,
+    upstream_ended: Option<Instant>,
+    upstream_status: u16,
 }
 
 /// Whether a client's header `name` (lower case) is one the edge sets or speaks for: the
@@ -81,6 +90,8 @@ fn edge_owned(name: &str) -> bool {
         || same(n, b"x-real-ip")
         || same(n, b"forwarded")
         || same(n, b"x-request-id")
+        || same(n, b"traceparent")
+        || same(n, b"tracestate")
 }
 
 // Header names looked up on every request, parsed once.
@@ -88,6 +99,8 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 impl Edge {
     /// Writes the JSON error for `r`, records it in the context, and returns `Ok(true)` (the
@@ -99,8 +112,19 @@ impl Edge {
         if !session.is_body_done() {
             session.set_keepalive(None);
         }
-        let body = Bytes::from(r.body(&ctx.req.request_id));
+        let body = Bytes::from(r.body(&ctx.req.request_id, &ctx.trace_id));
         answer(session, ctx, r.status, &r.headers, Some(body)).await
+    }
+
+    /// Gives the request its trace: the caller's `traceparent` when `trusted`, else a new one.
+    fn begin_trace(&self, ctx: &mut Ctx, req: &RequestHeader, trusted: bool) {
+        let header = |name: &HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let trace = self
+            .tracing
+            .begin(header(&TRACEPARENT), header(&TRACESTATE), trusted);
+        ctx.trace_id = trace.trace_id_hex();
+        ctx.req.stages = self.tracing.records(&trace).then(Vec::new);
+        ctx.trace = Some(trace);
     }
 
     fn trusted(&self, built: &Built, ip: IpAddr) -> bool {
@@ -404,6 +428,11 @@ impl ProxyHttp for Edge {
             client_ip_text: String::new(),
             forwarded_via: None,
             request_id: HeaderValue::from_static(""),
+            trace: None,
+            trace_id: String::new(),
+            upstream_span: None,
+            upstream_ended: None,
+            upstream_status: 0,
         }
     }
 
@@ -444,6 +473,7 @@ impl ProxyHttp for Edge {
         // Ids are checked or made of [A-Za-z0-9._-]: always a valid header value.
         ctx.request_id = HeaderValue::from_str(&ctx.req.request_id)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+        self.begin_trace(ctx, req, peer_trusted);
         ctx.host = request_host(req);
 
         if !req.raw_path_is_utf8() {
@@ -514,6 +544,9 @@ impl ProxyHttp for Edge {
         };
         ctx.route = Some(route.clone());
         ctx.req.route = route.name.clone();
+        if route.trust_traceparent && !peer_trusted {
+            self.begin_trace(ctx, req, true);
+        }
         if encoded_separator && route.encoded_separators == crate::config::EncodedSeparators::Reject
         {
             let r = Rejection::new(
@@ -614,6 +647,7 @@ impl ProxyHttp for Edge {
             return defer(ctx, r);
         };
         ctx.peer = Some(backend.clone());
+        ctx.upstream_span.get_or_insert_with(telemetry::new_span_id);
         let mut peer = HttpPeer::new(backend, false, String::new());
         peer.options.connection_timeout = Some(pool.connect_timeout);
         // The upstream gets what is left of the request's total time, at most its own timeouts.
@@ -685,6 +719,12 @@ impl ProxyHttp for Edge {
                 headers.insert(X_FORWARDED_HOST.clone(), header_value(host.as_str())?);
             }
             headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+            if let (Some(trace), Some(span)) = (&ctx.trace, ctx.upstream_span) {
+                headers.insert(TRACEPARENT.clone(), header_value(trace.traceparent(span))?);
+                if let Some(state) = trace.tracestate() {
+                    headers.insert(TRACESTATE.clone(), header_value(state)?);
+                }
+            }
             for name in &ctx.req.strip_headers {
                 headers.remove(name);
             }
@@ -722,12 +762,14 @@ impl ProxyHttp for Edge {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _up: &mut ResponseHeader,
+        up: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(t) = ctx.upstream_started {
             ctx.upstream_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
         }
+        ctx.upstream_ended = Some(Instant::now());
+        ctx.upstream_status = up.status.as_u16();
         Ok(())
     }
 
@@ -925,12 +967,18 @@ impl ProxyHttp for Edge {
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .map_or("", |d| crate::tls::normalize_version(Some(&d.version)));
+        let span_id = ctx
+            .trace
+            .as_ref()
+            .map(|t| t.span_id.to_string())
+            .unwrap_or_default();
         let written = self.access_log.write(&crate::access_log::Line {
             ts: crate::access_log::timestamp(),
             level: "info",
             service: "proxy",
             request_id: &ctx.req.request_id,
-            trace_id: "",
+            trace_id: &ctx.trace_id,
+            span_id: &span_id,
             client_ip: &ctx.client_ip_text,
             method: req.method.as_str(),
             host: ctx.host.as_deref().unwrap_or(""),
@@ -958,6 +1006,47 @@ impl ProxyHttp for Edge {
         });
         if !written {
             self.metrics.access_log_dropped.inc();
+        }
+        if let Some(trace) = ctx.trace.as_ref().filter(|t| self.tracing.records(t)) {
+            let upstream = ctx
+                .upstream_started
+                .zip(ctx.upstream_span)
+                .map(|(started, span_id)| crate::trace::Upstream {
+                    span_id,
+                    name: ctx.route.as_ref().map_or("", |r| &*r.upstream),
+                    address: ctx
+                        .peer
+                        .as_ref()
+                        .map(|p| p.addr.to_string())
+                        .unwrap_or_default(),
+                    started,
+                    ended: ctx.upstream_ended,
+                    retried: ctx.retried,
+                    status: ctx.upstream_status,
+                });
+            self.tracing.finish(&crate::trace::Finished {
+                trace,
+                started: ctx.started,
+                method: req.method.as_str(),
+                route: ctx.route.as_ref().map(|r| &*r.name),
+                path: req.uri.path(),
+                status,
+                client_ip: &ctx.client_ip_text,
+                user_agent,
+                tls_version,
+                http_version: match req.version {
+                    http::Version::HTTP_2 => "2",
+                    http::Version::HTTP_10 => "1.0",
+                    _ => "1.1",
+                },
+                host: ctx.host.as_deref().unwrap_or(""),
+                request_id: &ctx.req.request_id,
+                stage,
+                reason,
+                decision: ctx.req.decision.as_str(),
+                stages: ctx.req.stages.as_deref().unwrap_or_default(),
+                upstream,
+            });
         }
     }
 }

@@ -3101,3 +3101,93 @@ async fn rule_files_reload_with_the_config_and_a_broken_rule_keeps_the_old_pack(
         (200, 403)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_trusted_callers_pick_the_trace_and_the_upstream_always_gets_one() {
+    let toml = r#"
+[upstreams.echo]
+addrs = ["{upstream}"]
+[[routes]]
+name = "partner"
+path_prefix = "/partner/"
+upstream = "echo"
+trust_traceparent = true
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "echo"
+"#;
+    const SENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let up = upstream().await;
+    let c = reqwest::Client::new();
+    // What the upstream got: (traceparent, tracestate), and the edge's access-log line.
+    let seen = async |edge: &Edge, path: &str, traceparent: &str| {
+        let r = c
+            .get(format!("{}{path}", edge.http))
+            .header("traceparent", traceparent)
+            .header("tracestate", "partner=7")
+            .send()
+            .await
+            .unwrap();
+        let (status, headers, body) = json(r).await;
+        assert_eq!(status, 200);
+        let id = headers["x-request-id"].to_str().unwrap().to_owned();
+        let sent = body["headers"]["traceparent"].as_str().unwrap().to_owned();
+        let state = body["headers"]["tracestate"].as_str().map(str::to_owned);
+        let line = edge.log_line(|l| l["request_id"] == id.as_str()).await;
+        (sent, state, line)
+    };
+    let parts = |tp: &str| -> Vec<String> { tp.split('-').map(str::to_owned).collect() };
+
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(toml, up, dir.path(), false).await;
+    // An untrusted client: a new trace, the client's header gone, a well-formed one sent.
+    let (sent, state, line) = seen(&edge, "/api/x", SENT).await;
+    let p = parts(&sent);
+    assert_eq!(p.len(), 4, "{sent}");
+    assert_eq!(p[0], "00");
+    assert_ne!(p[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(p[1], line["trace_id"].as_str().unwrap());
+    assert_eq!(p[3], "00", "tracing is off: new traces are not sampled");
+    assert_eq!(state, None, "an untrusted tracestate is not passed on");
+    // A route that trusts its callers' trace context continues it.
+    let (sent, state, line) = seen(&edge, "/partner/x", SENT).await;
+    let p = parts(&sent);
+    assert_eq!(p[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(
+        p[2], "00f067aa0ba902b7",
+        "the upstream's parent is the edge's span"
+    );
+    assert_ne!(
+        p[2],
+        line["span_id"].as_str().unwrap(),
+        "…its client span, under the server span"
+    );
+    assert_eq!(p[3], "01", "the caller's sampling decision is kept");
+    assert_eq!(state.as_deref(), Some("partner=7"));
+    // A malformed header is ignored there too.
+    let (sent, _, _) = seen(
+        &edge,
+        "/partner/x",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-zz-01",
+    )
+    .await;
+    assert_ne!(parts(&sent)[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    // Error bodies name the trace.
+    let r = c
+        .get(format!("{}/nowhere", edge.http))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json(r).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["trace_id"].as_str().unwrap().len(), 32);
+
+    // Behind a trusted proxy, every route continues the trace.
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start_trusting(toml, up, dir.path(), "127.0.0.0/8").await;
+    let (sent, state, _) = seen(&edge, "/api/x", SENT).await;
+    assert_eq!(parts(&sent)[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(state.as_deref(), Some("partner=7"));
+}

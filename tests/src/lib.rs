@@ -53,8 +53,18 @@ pub fn free_port() -> u16 {
 impl Running {
     /// Starts the stack with its state under `data_dir` and waits until it answers.
     pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, |_| {}, None).await
+    }
+
+    /// Like [`Self::start`], with `configure` changing the options first and the auth service
+    /// exporting spans through `auth_tracing` (whose layer the caller installed).
+    pub async fn start_with(
+        data_dir: &Path,
+        configure: impl FnOnce(&mut vigil::UpOptions),
+        auth_tracing: Option<telemetry::Pipeline>,
+    ) -> Self {
         let port = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        let opts = vigil::UpOptions {
+        let mut opts = vigil::UpOptions {
             data_dir: data_dir.to_owned(),
             https: port(free_port()),
             http: port(free_port()),
@@ -64,12 +74,17 @@ impl Running {
             exporter: port(0),
             exporter_cache_ms: 0,
             grace_period_secs: 0,
+            otlp_endpoint: None,
+            trace_sampling_ratio: 1.0,
             access_log: proxy::access_log::Sink::Memory(Arc::default()),
         };
+        configure(&mut opts);
         let proxy::access_log::Sink::Memory(access_log) = opts.access_log.clone() else {
             unreachable!("a memory sink was just made")
         };
-        let stack = vigil::Stack::bind(&opts).await.expect("the stack starts");
+        let stack = vigil::Stack::bind(&opts, auth_tracing)
+            .await
+            .expect("the stack starts");
         let (https_url, http_url) = (stack.https_url(), stack.http_url());
         let (proxy_metrics_url, auth_metrics_url) =
             (stack.proxy_metrics_url(), stack.auth_metrics_url());
@@ -358,4 +373,152 @@ pub fn sign_raw(
     );
     let sig = jsonwebtoken::crypto::sign(message.as_bytes(), key, alg).expect("signing works");
     format!("{message}.{sig}")
+}
+
+/// One span as an OTLP collector received it, flattened for assertions.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    /// The resource's `service.name`.
+    pub service: String,
+    pub name: String,
+    /// Hex, as the logs write them.
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    /// OTLP's `SpanKind`: 2 server, 3 client.
+    pub kind: i32,
+    /// String, integer and boolean attributes, as text.
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// Event names with their attributes.
+    pub events: Vec<(String, std::collections::BTreeMap<String, String>)>,
+    /// OTLP's status code: 0 unset, 2 error.
+    pub status: i32,
+}
+
+/// An OTLP/HTTP collector on a loopback port: decodes what `POST /v1/traces` brings with the
+/// real protobuf types and keeps the spans.
+pub struct OtlpReceiver {
+    /// `http://127.0.0.1:PORT`, the base URL an exporter is given.
+    pub url: String,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    task: JoinHandle<()>,
+}
+
+impl OtlpReceiver {
+    /// Starts the receiver.
+    pub async fn start() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
+        use prost::Message;
+        let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
+        let kept = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                        return (axum::http::StatusCode::BAD_REQUEST, Vec::new());
+                    };
+                    kept.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(flatten(request));
+                    let ok = ExportTraceServiceResponse::default().encode_to_vec();
+                    (axum::http::StatusCode::OK, ok)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("bound"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, spans, task }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Polls (bounded, 15 s) until the spans of `trace_id` satisfy `done`; returns them.
+    pub async fn trace(
+        &self,
+        trace_id: &str,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        let mut spans = Vec::new();
+        for _ in 0..300 {
+            spans = self
+                .spans()
+                .into_iter()
+                .filter(|s| s.trace_id == trace_id)
+                .collect();
+            if done(&spans) {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the trace {trace_id} never became complete: {spans:#?}");
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn flatten(
+    request: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> Vec<ReceivedSpan> {
+    use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value as Any};
+    let text = |attrs: &[KeyValue]| {
+        attrs
+            .iter()
+            .filter_map(|kv| {
+                let v = match kv.value.as_ref()?.value.as_ref()? {
+                    Any::StringValue(s) => s.clone(),
+                    Any::IntValue(i) => i.to_string(),
+                    Any::BoolValue(b) => b.to_string(),
+                    Any::DoubleValue(d) => d.to_string(),
+                    _ => return None,
+                };
+                Some((kv.key.clone(), v))
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut out = Vec::new();
+    for rs in request.resource_spans {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| text(&r.attributes).get("service.name").cloned())
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                out.push(ReceivedSpan {
+                    service: service.clone(),
+                    name: s.name,
+                    trace_id: hex(&s.trace_id),
+                    span_id: hex(&s.span_id),
+                    parent_span_id: hex(&s.parent_span_id),
+                    kind: s.kind,
+                    attributes: text(&s.attributes),
+                    events: s
+                        .events
+                        .iter()
+                        .map(|e| (e.name.clone(), text(&e.attributes)))
+                        .collect(),
+                    status: s.status.map_or(0, |st| st.code),
+                });
+            }
+        }
+    }
+    out
 }

@@ -656,6 +656,8 @@ async fn with_the_jwks_down_at_start_the_edge_answers_503_then_recovers() {
         exporter: ([127, 0, 0, 1], 0).into(),
         exporter_cache_ms: 0,
         grace_period_secs: 0,
+        otlp_endpoint: None,
+        trace_sampling_ratio: 1.0,
         access_log: proxy::access_log::Sink::default(),
     };
     let service = auth::Service::bind(opts.auth_config()).await.unwrap();
@@ -886,5 +888,219 @@ async fn the_exporter_counts_what_the_stack_wrote_and_sees_its_certificate() {
     ] {
         assert!(text.lines().any(|l| l == series), "{series}\n{text}");
     }
+    stack.stop().await;
+}
+
+/// Tracing for the auth service, through this test binary's one global subscriber.
+fn auth_tracing_to(receiver: &e2e::OtlpReceiver) -> telemetry::Pipeline {
+    let config = telemetry::TracingConfig {
+        endpoint: Some(receiver.url.clone()),
+        sampling_ratio: 1.0,
+        export_interval_ms: 100,
+        ..Default::default()
+    };
+    let pipeline = telemetry::Pipeline::start(
+        &config,
+        "vigil-auth",
+        telemetry::Counters::new("vigil_auth"),
+    )
+    .expect("tracing starts")
+    .expect("tracing is on");
+    tracing::subscriber::set_global_default(vigil::subscriber(Some(&pipeline)))
+        .expect("only this test installs a subscriber");
+    pipeline
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_is_one_trace_across_the_edge_and_the_auth_service() {
+    let receiver = e2e::OtlpReceiver::start().await;
+    let auth_tracing = auth_tracing_to(&receiver);
+    let dir = tempfile::tempdir().unwrap();
+    let url = receiver.url.clone();
+    let stack = Running::start_with(
+        dir.path(),
+        |o| o.otlp_endpoint = Some(url),
+        Some(auth_tracing),
+    )
+    .await;
+    let (alice, _) = stack.client().register_and_login("trace@example.com").await;
+
+    // A client outside trusted_proxies cannot pick the trace id.
+    let forged = "00-11111111111111111111111111111111-2222222222222222-01";
+    let resp = stack
+        .http()
+        .get(format!("{}/auth/me", stack.https_url))
+        .bearer_auth(alice.token.as_deref().unwrap())
+        .header("traceparent", forged)
+        .header("user-agent", "trace-test/1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let line = stack
+        .access_log_line(|l| l["request_id"] == request_id.as_str())
+        .await;
+    let trace_id = line["trace_id"].as_str().unwrap().to_owned();
+    assert_eq!(trace_id.len(), 32, "{line}");
+    assert_ne!(trace_id, "11111111111111111111111111111111");
+
+    // One trace: the edge's server span with its stages, its client span, and the auth
+    // service's server span under it, with the database query and nothing else's parent.
+    let spans = receiver
+        .trace(&trace_id, |spans| {
+            spans
+                .iter()
+                .any(|s| s.service == "vigil-auth" && s.name == "SELECT users")
+                && spans
+                    .iter()
+                    .any(|s| s.service == "vigil-proxy" && s.kind == 3)
+        })
+        .await;
+    let one = |service: &str, kind: i32| {
+        let found: Vec<_> = spans
+            .iter()
+            .filter(|s| s.service == service && s.kind == kind)
+            .collect();
+        assert_eq!(found.len(), 1, "{service} kind {kind}: {spans:#?}");
+        found[0].clone()
+    };
+    let edge = one("vigil-proxy", 2);
+    assert_eq!(
+        edge.parent_span_id, "",
+        "the forged parent was not continued"
+    );
+    assert_eq!(line["span_id"], edge.span_id.as_str());
+    assert_eq!(edge.name, "GET me");
+    for (k, v) in [
+        ("http.request.method", "GET"),
+        ("http.route", "me"),
+        ("url.path", "/auth/me"),
+        ("http.response.status_code", "200"),
+        ("client.address", "127.0.0.1"),
+        ("network.protocol.version", "2"),
+        ("user_agent.original", "trace-test/1"),
+        ("tls.protocol.version", "1.3"),
+    ] {
+        assert_eq!(
+            edge.attributes.get(k).map(String::as_str),
+            Some(v),
+            "{k}: {edge:#?}"
+        );
+    }
+    let stages: Vec<_> = edge
+        .events
+        .iter()
+        .map(|(name, attrs)| (name.as_str(), attrs["vigil.decision"].as_str()))
+        .collect();
+    assert!(stages.contains(&("stage jwt", "allow")), "{stages:?}");
+    assert!(stages.contains(&("stage waf", "allow")), "{stages:?}");
+    assert!(
+        stages.contains(&("stage rate_limit", "allow")),
+        "{stages:?}"
+    );
+    let upstream = one("vigil-proxy", 3);
+    assert_eq!(upstream.parent_span_id, edge.span_id);
+    assert!(upstream.attributes["server.address"].starts_with("127.0.0.1:"));
+    let auth = one("vigil-auth", 2);
+    assert_eq!(
+        auth.parent_span_id, upstream.span_id,
+        "the auth service continued the traceparent the edge sent"
+    );
+    assert_eq!(auth.attributes["http.route"], "/auth/me");
+    let query = spans.iter().find(|s| s.name == "SELECT users").unwrap();
+    assert_eq!(query.attributes["db.system"], "sqlite");
+    assert_eq!(query.attributes["db.operation.name"], "SELECT");
+    let mut ancestor = query.parent_span_id.clone();
+    while ancestor != auth.span_id {
+        ancestor = spans
+            .iter()
+            .find(|s| s.span_id == ancestor)
+            .unwrap_or_else(|| panic!("the query's ancestors lead to the auth span: {spans:#?}"))
+            .parent_span_id
+            .clone();
+    }
+
+    // The login traced the password check.
+    assert!(
+        receiver
+            .spans()
+            .iter()
+            .any(|s| s.service == "vigil-auth" && s.name == "password verify")
+    );
+
+    // A rejection: its body, its log line and its span carry the same trace id and reason.
+    let reply = stack.client().call("GET", "/auth/me", None).await;
+    assert_eq!(reply.status, 401);
+    let rejected = reply.body["trace_id"].as_str().unwrap().to_owned();
+    let line = stack
+        .access_log_line(|l| l["trace_id"] == rejected.as_str())
+        .await;
+    assert_eq!(line["stage"], "jwt");
+    let spans = receiver.trace(&rejected, |s| !s.is_empty()).await;
+    assert_eq!(spans[0].status, 2, "a rejection is an error span");
+    assert_eq!(spans[0].attributes["vigil.stage"], "jwt");
+    assert_eq!(
+        spans.len(),
+        1,
+        "a request the edge refused has no upstream span"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_zero_exports_nothing_and_a_dead_collector_costs_no_request() {
+    // Sampling 0: every request still gets a trace id, nothing is exported.
+    let receiver = e2e::OtlpReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = receiver.url.clone();
+    let stack = Running::start_with(
+        dir.path(),
+        |o| {
+            o.otlp_endpoint = Some(url);
+            o.trace_sampling_ratio = 0.0;
+        },
+        None,
+    )
+    .await;
+    for _ in 0..20 {
+        let reply = stack.client().call("GET", "/auth/me", None).await;
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.body["trace_id"].as_str().unwrap().len(), 32);
+    }
+    stack.stop().await;
+    assert!(receiver.spans().is_empty(), "{:#?}", receiver.spans());
+
+    // A collector that is down: requests still succeed, and the loss is counted.
+    let dead = format!("http://127.0.0.1:{}", e2e::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Running::start_with(dir.path(), |o| o.otlp_endpoint = Some(dead), None).await;
+    for _ in 0..20 {
+        let reply = stack.client().call("GET", "/auth/me", None).await;
+        assert_eq!(reply.status, 401);
+    }
+    let mut dropped = 0.0;
+    for _ in 0..200 {
+        dropped = stack
+            .proxy_metric("vigil_proxy_trace_spans_dropped_total")
+            .await;
+        if dropped >= 20.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(dropped >= 20.0, "dropped {dropped}");
+    assert!(
+        stack
+            .proxy_metric("vigil_proxy_trace_export_failures_total")
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        stack
+            .proxy_metric("vigil_proxy_trace_spans_exported_total")
+            .await,
+        0.0
+    );
     stack.stop().await;
 }

@@ -242,7 +242,7 @@ pub async fn refresh(
         Refresh::ReuseDetected => {
             count("reuse_detected");
             state.metrics.refresh_reuse_detected.inc();
-            tracing::warn!(request_id = %crate::error::current_request_id(), "refresh token reuse detected; session revoked");
+            tracing::warn!("refresh token reuse detected; session revoked");
             Err(invalid())
         }
         Refresh::Invalid => {

@@ -24,8 +24,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde::Deserialize;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use tracing::Instrument;
+
 use crate::AppState;
-use crate::error::{ApiError, REQUEST_ID};
+use crate::error::{ApiError, REQUEST, RequestIds};
 use crate::store::{self, Cursor, Role, User};
 
 /// The API router over `state`; no sockets involved, so tests call it directly.
@@ -84,8 +86,9 @@ pub fn admin_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Gives the request its id (the caller's, if well-formed, else a new one), runs it with the id
-/// in scope, then records the metrics and writes the access-log line.
+/// Gives the request its id (the caller's, if well-formed, else a new one) and its trace (the
+/// caller's `traceparent`, else a new one), runs it inside its server span with both in scope,
+/// then records the metrics and writes the access-log line.
 async fn request_context(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = req
@@ -101,7 +104,16 @@ async fn request_context(State(state): State<AppState>, req: Request, next: Next
         .to_owned();
     let method = method_label(req.method());
     let path = req.uri().path().to_owned();
-    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    let span = server_span(&req, &id, method, &route, &path);
+    let ids = RequestIds {
+        request_id: id.clone(),
+        trace_id: span.trace_id,
+    };
+    let span = span.span;
+    let mut resp = REQUEST
+        .scope(ids, next.run(req))
+        .instrument(span.clone())
+        .await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -114,6 +126,10 @@ async fn request_context(State(state): State<AppState>, req: Request, next: Next
         _ => "5xx",
     };
     let elapsed = started.elapsed();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "error");
+    }
     state
         .metrics
         .http_requests
@@ -124,18 +140,69 @@ async fn request_context(State(state): State<AppState>, req: Request, next: Next
         .http_duration
         .with_label_values(&[&route, method])
         .observe(elapsed.as_secs_f64());
-    tracing::info!(
-        target: "access",
-        service = "auth",
-        request_id = %id,
-        method,
-        route = %route,
-        path = %path,
-        status,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        "request"
-    );
+    span.in_scope(|| {
+        tracing::info!(
+            target: "auth::access",
+            method,
+            route = %route,
+            path = %path,
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    });
     resp
+}
+
+/// A request's server span and the trace id it is in.
+struct ServerSpan {
+    span: tracing::Span,
+    trace_id: String,
+}
+
+/// Opens the request's server span, continuing the caller's W3C trace context. With spans
+/// exported (`tracing-opentelemetry` installed) the ids are the OpenTelemetry span's; without,
+/// they come from the caller's `traceparent` or are new, so logs and error bodies always carry
+/// a trace id.
+fn server_span(req: &Request, id: &str, method: &str, route: &str, path: &str) -> ServerSpan {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let trace = telemetry::TraceContext::continued(
+        header("traceparent"),
+        header("tracestate"),
+        &telemetry::Sampling::ratio(0.0),
+    );
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = route,
+        url.path = path,
+        http.response.status_code = tracing::field::Empty,
+        request_id = id,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    if let Some(parent) = trace.parent {
+        let remote = opentelemetry::Context::new()
+            .with_remote_span_context(trace.span_context(parent, true));
+        let _ = span.set_parent(remote);
+    }
+    let exported = span.context().span().span_context().clone();
+    let (trace_id, span_id) = if exported.is_valid() {
+        (
+            exported.trace_id().to_string(),
+            exported.span_id().to_string(),
+        )
+    } else {
+        (trace.trace_id_hex(), trace.span_id.to_string())
+    };
+    span.record("trace_id", trace_id.as_str());
+    span.record("span_id", span_id.as_str());
+    ServerSpan { span, trace_id }
 }
 
 fn is_valid_request_id(v: &str) -> bool {
