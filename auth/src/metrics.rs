@@ -2,10 +2,7 @@
 //! served on the admin listener. Labels are bounded: route templates, methods, status classes
 //! and result names, never raw paths or user ids.
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 /// Every metric of the auth service.
 #[derive(Clone)]
@@ -13,8 +10,9 @@ pub struct Metrics {
     registry: Registry,
     /// `vigil_auth_http_requests_total{route,method,status_class}`
     pub http_requests: IntCounterVec,
-    /// `vigil_auth_http_request_duration_seconds{route,method}`
-    pub http_duration: HistogramVec,
+    /// `vigil_auth_http_request_duration_seconds{route,method}`, with exemplars
+    http_duration: telemetry::exposition::ExemplarFamily,
+    exemplars: std::sync::Arc<prometheus_client::registry::Registry>,
     /// `vigil_auth_logins_total{result}`: success, invalid_credentials, disabled, invalid_input
     pub logins: IntCounterVec,
     /// `vigil_auth_registrations_total{result}`: created, conflict, invalid_input
@@ -74,20 +72,14 @@ impl Metrics {
             "Signing key set reloads by result.",
             &["result"],
         );
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "vigil_auth_http_request_duration_seconds",
-                "Time from request to response head, by route template and method.",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-            &["route", "method"],
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(http_duration.clone()))
-            .expect("metric registered once");
+        let http_duration =
+            telemetry::exposition::ExemplarFamily::new_with_constructor(duration_histogram);
+        let mut exemplars = prometheus_client::registry::Registry::default();
+        exemplars.register(
+            "vigil_auth_http_request_duration_seconds",
+            "Time from request to response head, by route template and method.",
+            http_duration.clone(),
+        );
         let password_hash_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "vigil_auth_password_hash_duration_seconds",
@@ -111,6 +103,7 @@ impl Metrics {
             .expect("metric registered once");
         Self {
             registry,
+            exemplars: std::sync::Arc::new(exemplars),
             http_requests,
             http_duration,
             logins,
@@ -123,15 +116,39 @@ impl Metrics {
         }
     }
 
-    /// The registry in the Prometheus text format.
+    /// Every family in the classic text format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail on I/O; a failure would be a bug in a metric definition.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::error!(error = %e, "encoding metrics failed");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        self.exposition(None).body
     }
+
+    /// Every family in the format a scraper's `Accept` asks for: OpenMetrics with exemplars,
+    /// or the classic text format.
+    pub fn exposition(&self, accept: Option<&str>) -> telemetry::exposition::Exposition {
+        telemetry::exposition::render(&self.registry.gather(), &self.exemplars, accept)
+    }
+
+    /// `vigil_auth_http_request_duration_seconds{route,method}`
+    pub fn http_duration(
+        &self,
+        route: &str,
+        method: &str,
+    ) -> telemetry::exposition::ExemplarHistogram {
+        self.http_duration
+            .get_or_create(&vec![
+                ("route".to_owned(), route.to_owned()),
+                ("method".to_owned(), method.to_owned()),
+            ])
+            .clone()
+    }
+}
+
+fn duration_histogram() -> telemetry::exposition::ExemplarHistogram {
+    telemetry::exposition::ExemplarHistogram::new(
+        [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]
+        .into_iter(),
+    )
 }
 
 impl Default for Metrics {

@@ -26,10 +26,16 @@ pub struct Admin {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let (status, content_type, body) = match session.req_header().uri.path() {
-            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", {
+            "/metrics" => {
                 self.built.load().refresh_gauges();
-                self.metrics.render().into_bytes()
-            }),
+                let accept = session
+                    .req_header()
+                    .headers
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let out = self.metrics.exposition(accept);
+                (StatusCode::OK, out.content_type, out.body.into_bytes())
+            }
             "/healthz" => (
                 StatusCode::OK,
                 "application/json",

@@ -2,10 +2,14 @@
 //! the version pingora-prometheus uses) and served by the admin listener. Labels are bounded:
 //! route names from the config (`unmatched` otherwise), a fixed method set, status classes, and
 //! the bounded stage/reason pairs of rejections. Never a raw path, address or user id.
+//!
+//! One family lives in a `prometheus-client` registry beside it: the request-duration
+//! histogram, whose buckets keep a sampled request's trace id as an exemplar (served in
+//! OpenMetrics to a scraper that asks; `telemetry::exposition`).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// Every metric of the proxy.
@@ -16,8 +20,9 @@ pub struct Metrics {
     pub trace: telemetry::Counters,
     /// `vigil_proxy_requests_total{route,method,status_class}`
     pub requests: IntCounterVec,
-    /// `vigil_proxy_request_duration_seconds{route}`
-    pub request_duration: HistogramVec,
+    /// `vigil_proxy_request_duration_seconds{route}`, with exemplars
+    pub request_duration: telemetry::exposition::ExemplarFamily,
+    exemplars: std::sync::Arc<prometheus_client::registry::Registry>,
     /// `vigil_proxy_upstream_duration_seconds{route,upstream}`
     pub upstream_duration: HistogramVec,
     /// `vigil_proxy_rejections_total{route,stage,reason}`
@@ -99,6 +104,14 @@ impl Metrics {
             reg(Box::new(g.clone()));
             g
         };
+        let request_duration =
+            telemetry::exposition::ExemplarFamily::new_with_constructor(duration_histogram);
+        let mut exemplars = prometheus_client::registry::Registry::default();
+        exemplars.register(
+            "vigil_proxy_request_duration_seconds",
+            "Time from request header to the end of the response, by route.",
+            request_duration.clone(),
+        );
         let config_last_reload_successful = Gauge::new(
             "vigil_proxy_config_last_reload_successful",
             "1 when the last config load or reload succeeded, 0 when it failed and the previous config is serving.",
@@ -225,11 +238,8 @@ impl Metrics {
                 "Requests answered, by route, method and status class.",
                 &["route", "method", "status_class"],
             ),
-            request_duration: histogram(
-                "vigil_proxy_request_duration_seconds",
-                "Time from request header to the end of the response, by route.",
-                &["route"],
-            ),
+            request_duration,
+            exemplars: std::sync::Arc::new(exemplars),
             upstream_duration: histogram(
                 "vigil_proxy_upstream_duration_seconds",
                 "Time from sending the request upstream to its response header, by route and upstream.",
@@ -282,14 +292,27 @@ impl Metrics {
         }
     }
 
-    /// The registry in the Prometheus text format.
+    /// Every family in the classic text format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::error!(error = %e, "encoding metrics failed");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        self.exposition(None).body
     }
+
+    /// Every family in the format a scraper's `Accept` asks for: OpenMetrics with exemplars,
+    /// or the classic text format.
+    pub fn exposition(&self, accept: Option<&str>) -> telemetry::exposition::Exposition {
+        telemetry::exposition::render(&self.registry.gather(), &self.exemplars, accept)
+    }
+
+    /// `vigil_proxy_request_duration_seconds{route}`
+    pub fn route_duration(&self, route: &str) -> telemetry::exposition::ExemplarHistogram {
+        self.request_duration
+            .get_or_create(&vec![("route".to_owned(), route.to_owned())])
+            .clone()
+    }
+}
+
+fn duration_histogram() -> telemetry::exposition::ExemplarHistogram {
+    telemetry::exposition::ExemplarHistogram::new(LATENCY_BUCKETS.iter().copied())
 }
 
 impl std::fmt::Debug for Metrics {
@@ -345,7 +368,7 @@ pub struct RouteMetrics {
     route: String,
     requests: [std::sync::OnceLock<prometheus::IntCounter>; METHODS.len() * CLASSES.len()],
     /// `vigil_proxy_request_duration_seconds{route}`
-    pub duration: prometheus::Histogram,
+    pub duration: telemetry::exposition::ExemplarHistogram,
     /// `vigil_proxy_upstream_duration_seconds{route,upstream}`
     pub upstream_duration: prometheus::Histogram,
 }
@@ -354,7 +377,7 @@ impl RouteMetrics {
     /// The metrics of route `route`, whose upstream is `upstream`.
     pub fn new(metrics: &Metrics, route: &str, upstream: &str) -> Self {
         Self {
-            duration: metrics.request_duration.with_label_values(&[route]),
+            duration: metrics.route_duration(route),
             upstream_duration: metrics
                 .upstream_duration
                 .with_label_values(&[route, upstream]),

@@ -925,10 +925,20 @@ impl ProxyHttp for Edge {
         let route = ctx.route.as_ref().map_or("unmatched", |r| &*r.name);
         let req = session.req_header();
         let elapsed = ctx.started.elapsed();
+        // A sampled request's trace id becomes its bucket's exemplar.
+        let exemplar = ctx
+            .trace
+            .as_ref()
+            .filter(|t| self.tracing.records(t))
+            .map(|_| ctx.trace_id.as_str());
         match &ctx.route {
             Some(r) => {
                 r.metrics.requests(&req.method, status).inc();
-                r.metrics.duration.observe(elapsed.as_secs_f64());
+                telemetry::exposition::observe(
+                    &r.metrics.duration,
+                    elapsed.as_secs_f64(),
+                    exemplar,
+                );
                 if let Some(ms) = ctx.upstream_ms {
                     r.metrics.upstream_duration.observe(ms / 1000.0);
                 }
@@ -938,10 +948,11 @@ impl ProxyHttp for Edge {
                     .requests
                     .with_label_values(&[route, method_label(&req.method), status_class(status)])
                     .inc();
-                self.metrics
-                    .request_duration
-                    .with_label_values(&[route])
-                    .observe(elapsed.as_secs_f64());
+                telemetry::exposition::observe(
+                    &self.metrics.route_duration(route),
+                    elapsed.as_secs_f64(),
+                    exemplar,
+                );
             }
         }
         let (stage, reason) = (ctx.req.stage.unwrap_or(""), ctx.req.reason.unwrap_or(""));

@@ -522,3 +522,115 @@ fn flatten(
     }
     out
 }
+
+/// A real Prometheus (Debian's `prometheus` package) on a loopback port, scraping `targets`
+/// (`host:port` of `/metrics` endpoints) every second with exemplar storage on; stopped on drop.
+pub struct Prometheus {
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts Prometheus, or `None` when it is not installed (an error under `CI=true`, where
+    /// `.ci/run` installs it).
+    pub async fn start(targets: &[&str]) -> Option<Self> {
+        let installed = std::process::Command::new("prometheus")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "prometheus is not installed (apt-get install prometheus)"
+            );
+            eprintln!("prometheus is not installed: skipping the real-Prometheus part");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let list = targets
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: vigil\n    static_configs:\n      - targets: [{list}]\n"
+        );
+        let file = dir.path().join("prometheus.yml");
+        std::fs::write(&file, config).expect("the config is written");
+        let port = free_port();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--enable-feature=exemplar-storage")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus starts");
+        let me = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if reqwest::get(format!("{}/-/ready", me.url))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return Some(me);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("prometheus did not become ready");
+    }
+
+    /// `GET /api/v1/{path}` with `query`, the JSON answer's `data`.
+    pub async fn api(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        let r: Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/{path}", self.url))
+            .query(query)
+            .send()
+            .await
+            .expect("prometheus answers")
+            .json()
+            .await
+            .expect("a JSON answer");
+        assert_eq!(r["status"], "success", "{r}");
+        r["data"].clone()
+    }
+
+    /// Polls (bounded, 20 s) until the exemplars of `series` hold `trace_id`.
+    pub async fn exemplar_with(&self, series: &str, trace_id: &str) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..100 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs();
+            let (start, end) = ((now - 600).to_string(), (now + 60).to_string());
+            last = self
+                .api(
+                    "query_exemplars",
+                    &[("query", series), ("start", &start), ("end", &end)],
+                )
+                .await;
+            if last.to_string().contains(trace_id) {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("no exemplar of {series} names trace {trace_id}: {last}");
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

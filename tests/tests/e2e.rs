@@ -1045,6 +1045,48 @@ async fn one_request_is_one_trace_across_the_edge_and_the_auth_service() {
         1,
         "a request the edge refused has no upstream span"
     );
+
+    // Exemplars: a real Prometheus scraping both admin endpoints in OpenMetrics stores the
+    // trace id of the request above on the request-duration histograms, and every series
+    // of the classic registry still parses (each target is up).
+    let target = |url: &str| {
+        url.trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_owned()
+    };
+    let targets = [
+        target(&stack.proxy_metrics_url),
+        target(&stack.auth_metrics_url),
+    ];
+    if let Some(prometheus) = e2e::Prometheus::start(&[&targets[0], &targets[1]]).await {
+        let edge = prometheus
+            .exemplar_with("vigil_proxy_request_duration_seconds_bucket", &trace_id)
+            .await;
+        assert!(edge.to_string().contains("\"route\":\"me\""), "{edge}");
+        prometheus
+            .exemplar_with("vigil_auth_http_request_duration_seconds_bucket", &trace_id)
+            .await;
+        let up = prometheus.api("query", &[("query", "up")]).await;
+        let values: Vec<_> = up["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["value"][1].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(values, ["1", "1"], "{up}");
+        let series = prometheus
+            .api(
+                "query",
+                &[("query", "count({__name__=~\"vigil_proxy_.+\"})")],
+            )
+            .await;
+        let n: f64 = series["result"][0]["value"][1]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n > 100.0, "the classic families are scraped too: {series}");
+    }
     stack.stop().await;
 }
 

@@ -76,12 +76,13 @@ pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(s): State<AppState>| async move {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    s.metrics.render(),
-                )
-            }),
+            get(
+                |State(s): State<AppState>, headers: axum::http::HeaderMap| async move {
+                    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                    let out = s.metrics.exposition(accept);
+                    ([(header::CONTENT_TYPE, out.content_type)], out.body)
+                },
+            ),
         )
         .with_state(state)
 }
@@ -105,6 +106,7 @@ async fn request_context(State(state): State<AppState>, req: Request, next: Next
     let method = method_label(req.method());
     let path = req.uri().path().to_owned();
     let span = server_span(&req, &id, method, &route, &path);
+    let sampled = span.sampled.then(|| span.trace_id.clone());
     let ids = RequestIds {
         request_id: id.clone(),
         trace_id: span.trace_id,
@@ -135,11 +137,11 @@ async fn request_context(State(state): State<AppState>, req: Request, next: Next
         .http_requests
         .with_label_values(&[&route, method, class])
         .inc();
-    state
-        .metrics
-        .http_duration
-        .with_label_values(&[&route, method])
-        .observe(elapsed.as_secs_f64());
+    telemetry::exposition::observe(
+        &state.metrics.http_duration(&route, method),
+        elapsed.as_secs_f64(),
+        sampled.as_deref(),
+    );
     span.in_scope(|| {
         tracing::info!(
             target: "auth::access",
@@ -158,6 +160,8 @@ async fn request_context(State(state): State<AppState>, req: Request, next: Next
 struct ServerSpan {
     span: tracing::Span,
     trace_id: String,
+    /// Whether the span is exported (its trace id can be an exemplar).
+    sampled: bool,
 }
 
 /// Opens the request's server span, continuing the caller's W3C trace context. With spans
@@ -202,7 +206,11 @@ fn server_span(req: &Request, id: &str, method: &str, route: &str, path: &str) -
     };
     span.record("trace_id", trace_id.as_str());
     span.record("span_id", span_id.as_str());
-    ServerSpan { span, trace_id }
+    ServerSpan {
+        span,
+        trace_id,
+        sampled: exported.is_valid() && exported.is_sampled(),
+    }
 }
 
 fn is_valid_request_id(v: &str) -> bool {
