@@ -212,14 +212,25 @@ pub fn normalize_version(v: Option<&str>) -> &'static str {
     }
 }
 
+/// How long a generated certificate is valid, and how close to its end a start makes a new
+/// one: like an ACME certificate, so the expiry metric and alert mean something here too.
+const GENERATED_VALID_DAYS: i64 = 90;
+const GENERATED_RENEW_DAYS: i64 = 30;
+
 /// The certificate and key under `dir`, generated (self-signed, for `localhost`, `127.0.0.1`
-/// and `::1`) on first use and kept for later starts.
+/// and `::1`, valid 90 days) on first use and kept for later starts until 30 days before it
+/// expires; then a start makes a new one.
 pub fn self_signed(dir: &Path) -> Result<CertPair, TlsError> {
     let pair = CertPair {
         cert_path: dir.join("self-signed.crt"),
         key_path: dir.join("self-signed.key"),
     };
-    if pair.cert_path.is_file() && pair.key_path.is_file() {
+    let now = time::OffsetDateTime::now_utc();
+    let renew_at = (now + time::Duration::days(GENERATED_RENEW_DAYS)).unix_timestamp();
+    let expiry = std::fs::read(&pair.cert_path)
+        .ok()
+        .and_then(|pem| pem_expiry(&pem));
+    if pair.key_path.is_file() && expiry.is_some_and(|at| at > renew_at) {
         return Ok(pair);
     }
     let fail = |reason: String| TlsError::Generate {
@@ -231,16 +242,23 @@ pub fn self_signed(dir: &Path) -> Result<CertPair, TlsError> {
         "127.0.0.1".to_owned(),
         "::1".to_owned(),
     ];
-    let generated = rcgen::generate_simple_self_signed(names).map_err(|e| fail(e.to_string()))?;
+    let key = rcgen::KeyPair::generate().map_err(|e| fail(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(names).map_err(|e| fail(e.to_string()))?;
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(GENERATED_VALID_DAYS);
+    let cert = params.self_signed(&key).map_err(|e| fail(e.to_string()))?;
     std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-    write_private(
-        &pair.key_path,
-        generated.signing_key.serialize_pem().as_bytes(),
-    )
-    .map_err(|e| fail(e.to_string()))?;
-    std::fs::write(&pair.cert_path, generated.cert.pem()).map_err(|e| fail(e.to_string()))?;
+    write_private(&pair.key_path, key.serialize_pem().as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    std::fs::write(&pair.cert_path, cert.pem()).map_err(|e| fail(e.to_string()))?;
     tracing::info!(cert = %pair.cert_path.display(), "generated a self-signed certificate for localhost");
     Ok(pair)
+}
+
+/// The not-after time of the first certificate in `pem`.
+fn pem_expiry(pem: &[u8]) -> Option<i64> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    Some(names_and_expiry(&block.contents).ok()?.1)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -388,6 +406,16 @@ mod tests {
             first,
             "kept, not regenerated"
         );
+        let days = (pem_expiry(&first).unwrap() - chrono::Utc::now().timestamp()) / 86_400;
+        assert!((89..=90).contains(&days), "valid for 90 days: {days}");
+        // One that ends within 30 days is replaced at the next start.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+        std::fs::write(&pair.cert_path, params.self_signed(&key).unwrap().pem()).unwrap();
+        self_signed(&dir.path().join("certs")).unwrap();
+        let renewed = std::fs::read(&pair.cert_path).unwrap();
+        assert!(pem_expiry(&renewed).unwrap() > chrono::Utc::now().timestamp() + 80 * 86_400);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&pair.key_path)
