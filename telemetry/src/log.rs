@@ -97,14 +97,11 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        // A `log` record (Pingora's) names its real target in a field.
+        let target = fields.log_target.as_deref().unwrap_or(meta.target());
         let mut line = Map::new();
-        line.insert("ts".into(), timestamp().into());
-        line.insert(
-            "level".into(),
-            meta.level().as_str().to_ascii_lowercase().into(),
-        );
-        line.insert("service".into(), service_of(meta.target()).into());
-        line.insert("target".into(), meta.target().into());
         if let Some(scope) = ctx.event_scope() {
             let found = scope
                 .from_root()
@@ -122,10 +119,30 @@ where
                 }
             }
         }
-        event.record(&mut Fields(&mut line));
-        let text = serde_json::to_string(&Value::Object(line)).map_err(|_| fmt::Error)?;
-        writer.write_str(&text)?;
-        writer.write_char('\n')
+        line.extend(fields.values);
+        // The contract's fields first, then the rest in name order.
+        let head = [
+            ("ts", Value::from(timestamp())),
+            ("level", meta.level().as_str().to_ascii_lowercase().into()),
+            ("service", service_of(target).into()),
+            ("target", target.into()),
+        ];
+        let mut text = String::from("{");
+        for (i, (k, v)) in head
+            .iter()
+            .map(|(k, v)| (*k, v))
+            .chain(line.iter().map(|(k, v)| (k.as_str(), v)))
+            .enumerate()
+        {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(&serde_json::to_string(k).map_err(|_| fmt::Error)?);
+            text.push(':');
+            text.push_str(&serde_json::to_string(v).map_err(|_| fmt::Error)?);
+        }
+        text.push_str("}\n");
+        writer.write_str(&text)
     }
 }
 
@@ -146,31 +163,47 @@ fn timestamp() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Writes an event's fields into the line (an event's field wins over a span's id).
-struct Fields<'a>(&'a mut Map<String, Value>);
+/// An event's fields (an event's field wins over a span's id); a `log` record's metadata
+/// fields (`log.target`, `log.file`, …) are taken apart from them.
+#[derive(Default)]
+struct Fields {
+    values: Map<String, Value>,
+    log_target: Option<String>,
+}
 
-impl Visit for Fields<'_> {
+impl Fields {
+    fn put(&mut self, field: &Field, value: Value) {
+        match field.name() {
+            "log.target" => self.log_target = value.as_str().map(str::to_owned),
+            "log.file" | "log.line" | "log.module_path" => {}
+            name => {
+                self.values.insert(name.into(), value);
+            }
+        }
+    }
+}
+
+impl Visit for Fields {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.insert(field.name().into(), value.to_string().into());
+        self.put(field, value.to_string().into());
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
+        self.put(field, format!("{value:?}").into());
     }
 }
 
@@ -197,6 +230,13 @@ mod tests {
     }
 
     fn lines(f: impl FnOnce()) -> Vec<Value> {
+        raw_lines(f)
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn raw_lines(f: impl FnOnce()) -> Vec<String> {
         let buffer = Buffer::default();
         let out = buffer.clone();
         let subscriber = tracing_subscriber::registry().with(IdsLayer).with(
@@ -206,9 +246,7 @@ mod tests {
         );
         tracing::subscriber::with_default(subscriber, f);
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        text.lines().map(str::to_owned).collect()
     }
 
     #[test]
@@ -242,6 +280,31 @@ mod tests {
         assert!(
             chrono::DateTime::parse_from_rfc3339(ts).is_ok() && ts.ends_with('Z'),
             "{ts}"
+        );
+    }
+
+    #[test]
+    fn the_contract_s_fields_come_first_and_log_records_keep_their_target() {
+        let out = raw_lines(|| {
+            tracing::info!(target: "vigil_exporter::server", zeta = 1, "listening");
+            tracing::warn!(
+                target: "log",
+                { log.target = "pingora_core::services::listening", log.file = "listening.rs", log.line = 241_u64 },
+                "handshake error"
+            );
+        });
+        assert!(out[0].starts_with("{\"ts\":\""), "{}", out[0]);
+        assert!(
+            out[0].contains(",\"level\":\"info\",\"service\":\"exporter\",\"target\":\"vigil_exporter::server\",\"message\":\"listening\",\"zeta\":1}"),
+            "{}",
+            out[0]
+        );
+        let l: Value = serde_json::from_str(&out[1]).unwrap();
+        assert_eq!(l["service"], "proxy");
+        assert_eq!(l["target"], "pingora_core::services::listening");
+        assert!(
+            l.get("log.file").is_none() && l.get("log.target").is_none(),
+            "{l}"
         );
     }
 
