@@ -981,7 +981,7 @@ impl ProxyHttp for Edge {
         let span_id = ctx
             .trace
             .as_ref()
-            .map(|t| t.span_id.to_string())
+            .map(telemetry::TraceContext::span_id_hex)
             .unwrap_or_default();
         let written = self.access_log.write(&crate::access_log::Line {
             ts: crate::access_log::timestamp(),

@@ -37,10 +37,16 @@ impl Sampling {
     }
 
     fn sampled(&self, trace_id: TraceId) -> bool {
-        let result = self
-            .0
-            .should_sample(None, trace_id, "", &SpanKind::Server, &[], &[]);
-        result.decision == SamplingDecision::RecordAndSample
+        match self.0 {
+            Sampler::TraceIdRatioBased(r) if r <= 0.0 => false,
+            Sampler::TraceIdRatioBased(r) if r >= 1.0 => true,
+            _ => {
+                let result = self
+                    .0
+                    .should_sample(None, trace_id, "", &SpanKind::Server, &[], &[]);
+                result.decision == SamplingDecision::RecordAndSample
+            }
+        }
     }
 }
 
@@ -71,6 +77,15 @@ thread_local! {
 /// A new random span id.
 pub fn new_span_id() -> SpanId {
     IDS.with(IdGenerator::new_span_id)
+}
+
+/// Ids as hex without `fmt`'s machinery (every request writes three).
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
 }
 
 impl TraceContext {
@@ -116,8 +131,13 @@ impl TraceContext {
 
     /// The `traceparent` naming `span` of this trace as the parent.
     pub fn traceparent(&self, span: SpanId) -> String {
-        let flags = if self.sampled { "01" } else { "00" };
-        format!("00-{}-{span}-{flags}", self.trace_id)
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id.to_bytes());
+        out.push('-');
+        push_hex(&mut out, &span.to_bytes());
+        out.push_str(if self.sampled { "-01" } else { "-00" });
+        out
     }
 
     /// `tracestate` to send on, when the caller sent one.
@@ -128,7 +148,16 @@ impl TraceContext {
 
     /// The trace id as the logs and error bodies write it: 32 lower-case hex digits.
     pub fn trace_id_hex(&self) -> String {
-        self.trace_id.to_string()
+        let mut out = String::with_capacity(32);
+        push_hex(&mut out, &self.trace_id.to_bytes());
+        out
+    }
+
+    /// This request's span id as the logs write it: 16 lower-case hex digits.
+    pub fn span_id_hex(&self) -> String {
+        let mut out = String::with_capacity(16);
+        push_hex(&mut out, &self.span_id.to_bytes());
+        out
     }
 
     /// The span context of `span` in this trace (for a span's parent or an exemplar).
@@ -152,6 +181,8 @@ mod tests {
     fn a_valid_traceparent_is_continued_with_its_decision_and_state() {
         let t = TraceContext::continued(Some(PARENT), Some("vendor=a1"), &Sampling::ratio(0.0));
         assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.trace_id_hex(), t.trace_id.to_string());
+        assert_eq!(t.span_id_hex(), t.span_id.to_string());
         assert_eq!(
             t.parent.map(|s| s.to_string()).as_deref(),
             Some("00f067aa0ba902b7")
