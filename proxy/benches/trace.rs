@@ -67,7 +67,8 @@ fn one_request(t: &Tracing, traceparent: Option<&str>) {
         upstream: Some(Upstream {
             span_id: upstream_span,
             name: "app",
-            address: "10.0.0.5:8080".to_owned(),
+            address: "10.0.0.5".to_owned(),
+            port: Some(8080),
             started,
             ended: Some(Instant::now()),
             retried: false,

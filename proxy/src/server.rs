@@ -1025,11 +1025,15 @@ impl ProxyHttp for Edge {
                 .map(|(started, span_id)| crate::trace::Upstream {
                     span_id,
                     name: ctx.route.as_ref().map_or("", |r| &*r.upstream),
-                    address: ctx
+                    address: ctx.peer.as_ref().map_or_else(String::new, |p| {
+                        p.addr
+                            .as_inet()
+                            .map_or_else(|| p.addr.to_string(), |a| a.ip().to_string())
+                    }),
+                    port: ctx
                         .peer
                         .as_ref()
-                        .map(|p| p.addr.to_string())
-                        .unwrap_or_default(),
+                        .and_then(|p| p.addr.as_inet().map(|a| a.port())),
                     started,
                     ended: ctx.upstream_ended,
                     retried: ctx.retried,

@@ -59,7 +59,9 @@ pub struct Finished<'a> {
 pub struct Upstream<'a> {
     pub span_id: SpanId,
     pub name: &'a str,
+    /// The peer's address (`server.address`) and port (`server.port`).
     pub address: String,
+    pub port: Option<u16>,
     pub started: Instant,
     pub ended: Option<Instant>,
     pub retried: bool,
@@ -197,12 +199,15 @@ impl Tracing {
             name: Cow::Owned(format!("{} {}", f.method, up.name)),
             start_time: started,
             end_time: up.ended.map_or(now_wall, wall),
-            attributes: vec![
+            attributes: [
                 KeyValue::new("http.request.method", f.method.to_owned()),
                 KeyValue::new("server.address", up.address.clone()),
                 KeyValue::new("vigil.upstream", up.name.to_owned()),
                 KeyValue::new("http.response.status_code", i64::from(up.status)),
-            ],
+            ]
+            .into_iter()
+            .chain(up.port.map(|p| KeyValue::new("server.port", i64::from(p))))
+            .collect(),
             dropped_attributes_count: 0,
             events: span_events(events),
             links: SpanLinks::default(),
