@@ -26,6 +26,11 @@
 #          libnginx-mod-http-modsecurity modsecurity-crs); PEER_COUNT requests after PEER_WARMUP
 #          (20 after 5: under callgrind a 16 KiB POST costs it about 8 x 10^8 instructions)
 #   S4pb   the peer on S4b's POST
+#   S6     S1 on a vigil whose config adds [tracing]: spans to a loopback OTLP/HTTP sink
+#          (bench/common.sh start_otlp_sink), new traces sampled at 0.01, exported each second;
+#          the count is the whole process's, so the export thread's instructions are in it
+#   S6a    S6 at sampling 1.0; the script fails when it exported no span
+#          (vigil_proxy_trace_spans_exported_total on its admin port, printed at the end)
 #
 # Each proxy runs under `valgrind --tool=callgrind` against nginx (1 worker, the same small
 # JSON body as bench/run.sh); a Python client sends WARMUP requests on one keep-alive
@@ -39,7 +44,7 @@ WARMUP=${WARMUP:-200}
 PROFILE=${PROFILE:-perf}
 PEER_COUNT=${PEER_COUNT:-20}
 PEER_WARMUP=${PEER_WARMUP:-5}
-read -r -a targets <<<"${TARGETS:-floor floorm S1 S1t S3w S3c S3h S1k S5 S5x S5r S1b S4 S4b nginx nginxb S4p S4pb}"
+read -r -a targets <<<"${TARGETS:-floor floorm S1 S1t S3w S3c S3h S1k S5 S5x S5r S1b S4 S4b nginx nginxb S4p S4pb S6 S6a}"
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 . bench/common.sh
 need bench/callgrind.sh nginx valgrind callgrind_control python3
@@ -131,10 +136,19 @@ upstream = "bench"
 filters = ["hs"]
 EOF
 
+# The tracing targets: the same config + [tracing] to the OTLP sink, one file per sampling ratio.
+declare -A RATIO=([S6]=0.01 [S6a]=1.0)
+if [[ " ${targets[*]} " =~ " S6"(a?)" " ]]; then
+  sink=$(free_port)
+  start_otlp_sink "$sink"
+  wait_port "$sink"
+  for t in S6 S6a; do traced_toml "$work/proxy.toml" "$t" "$port" "$tls" "$adm" "$sink" "${RATIO[$t]}"; done
+fi
+
 get3="/waf/items?page=2&limit=20&sort=name"
 declare -A PATHS=([floor]=/ [floorm]=/ [S1]=/ [S1t]=/ [S3w]=/es/ [S3c]=/es/ [S3h]=/hs/
   [S1k]=/ [S5]=/rl/ [S5x]=/rl429/ [S5r]=/rlr/ [S1b]=/items [S4]=$get3 [S4b]=/waf/items
-  [nginx]=/ [nginxb]=/items [S4p]=$get3 [S4pb]=/waf/items)
+  [nginx]=/ [nginxb]=/items [S4p]=$get3 [S4pb]=/waf/items [S6]=/ [S6a]=/)
 declare -A POSTS=([S1b]=1 [S4b]=1 [nginxb]=1 [S4pb]=1)
 # nginx's targets: the paranoia level of its ModSecurity (none: plain nginx).
 declare -A NGINX=([nginx]="" [nginxb]="" [S4p]=1 [S4pb]=1)
@@ -144,7 +158,7 @@ declare -A KEYS_OF=([S1k]=100000 [S5]=100000 [S5r]=100000)
 declare -A EXPECT_OF=([S5x]=429)
 declare -A FILL=([S1k]=100000 [S5]=100000 [S5r]=100000)
 declare -A TOKENS=([S1t]="$work/es/tokens-0" [S3w]="$work/es-one" [S3c]="$work/es/tokens-0" [S3h]="$work/hs/tokens-0")
-declare -A IR
+declare -A IR SPANS
 for t in "${targets[@]}"; do
   out="$work/cg-$t"
   mkdir -p "$out"
@@ -157,6 +171,8 @@ for t in "${targets[@]}"; do
     proxy_nginx "ngx-$t" "$port" "$up" "${NGINX[$t]}" "master_process off;"
     cmd=(nginx -e "$work/ngx-$t/error.log" -p "$work/ngx-$t" -c "$work/ngx-$t/nginx.conf")
     [ -n "${NGINX[$t]}" ] && count=$PEER_COUNT warmup=$PEER_WARMUP
+  elif [ -n "${RATIO[$t]:-}" ]; then
+    cmd=("$bin/vigil" proxy --config "$work/$t.toml" --threads 1)
   else
     cmd=("$bin/vigil" proxy --config "$work/proxy.toml" --threads 1)
   fi
@@ -177,6 +193,10 @@ for t in "${targets[@]}"; do
   callgrind_control --zero "$pid" >/dev/null
   python3 "$work/client.py" "$port" "${PATHS[$t]}" "$count" "${tokens[@]}" ${tokens:+"$warmup"}
   callgrind_control --dump="$t" "$pid" >/dev/null
+  # What a tracing process exported (asked after the dump, so the count has none of it).
+  if [ -n "${RATIO[$t]:-}" ]; then
+    SPANS[$t]=$(trace_spans "$t" "$adm" 60) || [ "$t" = S6 ] || { kill -INT "$pid" 2>/dev/null; exit 1; }
+  fi
   kill -INT "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   dump=$(grep -l "^desc: Trigger: dump $t$" "$out"/callgrind.out.* | head -1)
@@ -215,4 +235,13 @@ if {"S4", "S1", "S4p", "nginx"} <= ir.keys():
 if {"S4b", "S1b", "S4pb", "nginxb"} <= ir.keys():
     goals.append(f"waf/peer POST {share(d('S4b', 'S1b'), d('S4pb', 'nginxb'))} (S4pb - nginxb {d('S4pb', 'nginxb'):+.0f})")
 if goals: print("\nissue 12 goals: " + "   ".join(goals))
+# Tracing: the whole process's instructions per request (the export thread's too) over S1's.
+goals = []
+if {"S6", "S1"} <= ir.keys(): goals.append(f"S6 over S1 {100 * (ir['S6'] / ir['S1'] - 1):+.1f} % (<= 3 %)")
+if {"S6a", "S1"} <= ir.keys(): goals.append(f"[S6a over S1 {100 * (ir['S6a'] / ir['S1'] - 1):+.1f} %]")
+if goals: print("\nissue 14 goals: " + "   ".join(goals))
 PY
+if [ -n "${SPANS[*]}" ]; then
+  echo
+  for t in S6 S6a; do if [ -n "${SPANS[$t]:-}" ]; then echo "${SPANS[$t]}"; fi; done
+fi

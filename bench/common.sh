@@ -1,8 +1,8 @@
 # What the proxy benchmarks share (sourced by run.sh, profiles.sh, callgrind.sh and crs-peer.sh):
 # the tools check, a scratch directory and the processes to stop on exit, loopback ports, the
 # upstream every target proxies to (nginx, 1 worker, a fixed small JSON body, keep-alive), nginx
-# as a reverse proxy (plain, or with ModSecurity 3 and the OWASP CRS: the WAF peer), and the
-# JSON body of the POST targets.
+# as a reverse proxy (plain, or with ModSecurity 3 and the OWASP CRS: the WAF peer), the JSON
+# body of the POST targets, and the tracing targets' OTLP sink, config and span check.
 
 # need SCRIPT TOOL...: stops with the package to install when a tool is missing.
 need() {
@@ -167,5 +167,92 @@ name = "rlr"
 path_prefix = "/rlr/"
 upstream = "$2"
 filters = ["rlr"]
+EOF
+}
+
+# start_otlp_sink PORT [CPU]: a loopback OTLP/HTTP collector (pinned to CPU when given) that
+# takes every export: it reads the body (POST /v1/traces, protobuf) and answers 200 with an
+# empty body, Content-Type application/x-protobuf (an empty ExportTraceServiceResponse). It
+# keeps "exports bytes" so far in $work/otlp-sink.count.
+start_otlp_sink() {
+  local pin=()
+  [ -n "${2:-}" ] && pin=(taskset -c "$2")
+  "${pin[@]}" python3 - "$1" "$work/otlp-sink.count" <<'EOF' &
+import sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, count_file = int(sys.argv[1]), sys.argv[2]
+lock, seen = threading.Lock(), [0, 0]
+class Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a collector's
+    def do_POST(self):
+        n = 0
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                n += len(self.rfile.read(size))
+                self.rfile.readline()
+                if size == 0:
+                    break
+        else:
+            n = len(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        with lock:
+            seen[0] += 1
+            seen[1] += n
+            with open(count_file, "w") as f:
+                f.write(f"{seen[0]} {seen[1]}\n")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", port), Sink).serve_forever()
+EOF
+  pids+=($!)
+}
+
+# traced_toml CONFIG NAME HTTP HTTPS ADMIN SINK RATIO: writes $work/NAME.toml, vigil's CONFIG
+# with its listeners on the ports given, its certificates in $work/certs-NAME, and a [tracing]
+# section: spans to the OTLP sink listening on SINK, new traces sampled at RATIO (a float,
+# 0.01 or 1.0), exported each second.
+traced_toml() {
+  sed -e "s|^http = .*|http = \"127.0.0.1:$3\"|" -e "s|^https = .*|https = \"127.0.0.1:$4\"|" \
+    -e "s|^admin = .*|admin = \"127.0.0.1:$5\"|" -e "s|^generated_dir = .*|generated_dir = \"$work/certs-$2\"|" \
+    "$1" >"$work/$2.toml"
+  cat >>"$work/$2.toml" <<EOF
+[tracing]
+endpoint = "http://127.0.0.1:$6"
+sampling_ratio = $7
+export_interval_ms = 1000
+EOF
+}
+
+# trace_spans NAME ADMIN-PORT [SECONDS]: one line with a vigil process's span counters from its
+# admin /metrics (vigil_proxy_trace_spans_exported_total, waiting up to SECONDS, 10 by default,
+# for a first export; the dropped spans and failed exports) and what the OTLP sink has taken;
+# fails (status 1, a line on stderr) when the process exported nothing.
+trace_spans() {
+  python3 - "$1" "$2" "${3:-10}" "$work/otlp-sink.count" <<'EOF'
+import sys, time, urllib.request
+name, port, secs, sink = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+def metrics():
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
+    return {p[0]: float(p[1]) for p in map(str.split, text.splitlines()) if len(p) == 2 and p[0].startswith("vigil_proxy_trace_")}
+deadline = time.monotonic() + secs
+while True:
+    m = metrics()
+    exported = m.get("vigil_proxy_trace_spans_exported_total", 0)
+    if exported > 0 or time.monotonic() > deadline:
+        break
+    time.sleep(0.25)
+try:
+    exports, size = open(sink).read().split()
+except (OSError, ValueError):
+    exports, size = "0", "0"
+print(f"{name}: vigil_proxy_trace_spans_exported_total {exported:.0f} (admin :{port}; dropped "
+      f"{m.get('vigil_proxy_trace_spans_dropped_total', 0):.0f}, failed exports "
+      f"{m.get('vigil_proxy_trace_export_failures_total', 0):.0f}); the OTLP sink has taken {exports} exports ({size} bytes) so far, from every tracing process")
+if exported == 0:
+    sys.exit(f"{name} exported no spans in {secs:.0f} s: its [tracing] section or the OTLP sink is wrong")
 EOF
 }

@@ -27,6 +27,11 @@
 #          at paranoia 1 (bench/common.sh modsec_conf; apt-get install -y
 #          libnginx-mod-http-modsecurity modsecurity-crs), the same upstream
 #   S4pb   the peer on S4b's POST
+#   S6     S1 on a vigil process of its own whose config adds [tracing]: spans to a loopback
+#          OTLP/HTTP sink (bench/common.sh start_otlp_sink, on the load CPU), new traces sampled
+#          at 0.01, exported each second (the export thread's CPU is the process's)
+#   S6a    S6 at sampling 1.0, its own process too; the run fails when it exported no span
+#          (vigil_proxy_trace_spans_exported_total on its admin port, printed at the end)
 #
 # Method: the proxy under test pinned to CPU 0, the load generator and the upstream to CPU 1;
 # one worker thread each; RUNS rounds in which every target gets DURATION seconds flat out
@@ -50,7 +55,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
 FRESH_ES=${FRESH_ES:-150000}    # distinct ES256 tokens per load run (> S3c req/s x DURATION)
 FRESH_HS=${FRESH_HS:-300000}    # distinct HS256 tokens per load run (> S3h req/s x DURATION)
-read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S1t S3w S3c S3h S1k S5 S5x S5r S1b nginxb S4 S4b S4p S4pb}"
+read -r -a targets <<<"${TARGETS:-S0 floor floorm nginx S1 S2 S1t S3w S3c S3h S1k S5 S5x S5r S1b nginxb S4 S4b S4p S4pb S6 S6a}"
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 
 . bench/common.sh
@@ -146,6 +151,23 @@ EOF
 RUST_LOG=warn taskset -c "$PROXY_CPU" "$bin/vigil" proxy --config "$work/proxy.toml" --threads 1 \
   --upgrade-sock "$work/upgrade.sock" >/dev/null 2>"$work/vigil.err" & pids+=($!)
 vigil_pid=$!
+# The tracing targets: S1's config on other ports + [tracing] to the OTLP sink, a vigil process
+# per sampling ratio ([tracing] is process-wide), pinned like S1's; only for the targets asked.
+declare -A RATIO=([S6]=0.01 [S6a]=1.0) TRACED_PID TRACED_PORT TRACED_ADMIN
+if [[ " ${targets[*]} " =~ " S6"(a?)" " ]]; then
+  sink=$(free_port)
+  start_otlp_sink "$sink" "$LOAD_CPU"
+  ports+=("$sink")
+fi
+for t in S6 S6a; do
+  [[ " ${targets[*]} " == *" $t "* ]] || continue
+  TRACED_PORT[$t]=$(free_port) TRACED_ADMIN[$t]=$(free_port)
+  traced_toml "$work/proxy.toml" "$t" "${TRACED_PORT[$t]}" "$(free_port)" "${TRACED_ADMIN[$t]}" "$sink" "${RATIO[$t]}"
+  RUST_LOG=warn taskset -c "$PROXY_CPU" "$bin/vigil" proxy --config "$work/$t.toml" --threads 1 \
+    --upgrade-sock "$work/upgrade-$t.sock" >/dev/null 2>"$work/$t.err" & pids+=($!)
+  TRACED_PID[$t]=$!
+  ports+=("${TRACED_PORT[$t]}" "${TRACED_ADMIN[$t]}")
+done
 for p in "${ports[@]}"; do wait_port "$p"; done
 cat >"$work/tokens.lua" <<'EOF'
 -- Each request carries the next token of the file given after `--`, round robin.
@@ -180,6 +202,7 @@ declare -A PID=([S0]=$(worker_of upstream) [floor]=$floor_pid [floorm]=$floorm_p
   [S1k]=$vigil_pid [S5]=$vigil_pid [S5x]=$vigil_pid [S5r]=$vigil_pid
   [S1b]=$vigil_pid [nginxb]=$(worker_of proxy) [S4]=$vigil_pid [S4b]=$vigil_pid)
 [ -e "$work/peer/nginx.pid" ] && PID[S4p]=$(worker_of peer) PID[S4pb]=$(worker_of peer)
+for t in "${!TRACED_PID[@]}"; do PID[$t]=${TRACED_PID[$t]}; done
 get3="waf/items?page=2&limit=20&sort=name"
 declare -A URL=([S0]="http://127.0.0.1:$up/" [floor]="http://127.0.0.1:$flo/" [floorm]="http://127.0.0.1:$flm/"
   [nginx]="http://127.0.0.1:$ngx/" [S1]="http://127.0.0.1:$s1/" [S2]="https://127.0.0.1:$s2/"
@@ -188,6 +211,7 @@ declare -A URL=([S0]="http://127.0.0.1:$up/" [floor]="http://127.0.0.1:$flo/" [f
   [S5x]="http://127.0.0.1:$s1/rl429/" [S5r]="http://127.0.0.1:$s1/rlr/"
   [S1b]="http://127.0.0.1:$s1/items" [nginxb]="http://127.0.0.1:$ngx/items" [S4]="http://127.0.0.1:$s1/$get3"
   [S4b]="http://127.0.0.1:$s1/waf/items" [S4p]="http://127.0.0.1:$peer/$get3" [S4pb]="http://127.0.0.1:$peer/waf/items")
+for t in "${!TRACED_PORT[@]}"; do URL[$t]="http://127.0.0.1:${TRACED_PORT[$t]}/"; done
 declare -A KEYED=([S1k]=1 [S5]=1 [S5r]=1)
 declare -A POSTS=([S1b]=1 [nginxb]=1 [S4b]=1 [S4pb]=1)
 declare -A TOKENS=([S1t]="$work/es-warm" [S3w]="$work/es-warm" [S3c]="$work/es-fresh" [S3h]="$work/hs-fresh")
@@ -307,4 +331,16 @@ if {"S4b", "S1b", "S4pb", "nginxb"} <= cpu.keys():
 if {"S4", "S4p"} <= cpu.keys(): goals.append(f"[S4/S4p {cpu['S4'] / cpu['S4p']:.2f}]")
 if {"S4b", "S4pb"} <= cpu.keys(): goals.append(f"[S4b/S4pb {cpu['S4b'] / cpu['S4pb']:.2f}]")
 if goals: print("issue 12 goals: " + "   ".join(goals))
+# Tracing: the whole process's CPU per request (the export thread's too) over S1's.
+goals = []
+if {"S6", "S1"} <= cpu.keys(): goals.append(f"S6 over S1 {100 * (cpu['S6'] / cpu['S1'] - 1):+.1f} % (<= 3 %)")
+if {"S6a", "S1"} <= cpu.keys(): goals.append(f"[S6a over S1 {100 * (cpu['S6a'] / cpu['S1'] - 1):+.1f} %]")
+if goals: print("issue 14 goals: " + "   ".join(goals))
 PY
+# What the tracing processes exported; S6a must have exported spans (else its config or the
+# sink is wrong and its figures mean nothing).
+if [ -n "${TRACED_PID[*]}" ]; then echo; fi
+for t in S6 S6a; do
+  [ -n "${TRACED_ADMIN[$t]:-}" ] || continue
+  if [ "$t" = S6a ]; then trace_spans "$t" "${TRACED_ADMIN[$t]}"; else trace_spans "$t" "${TRACED_ADMIN[$t]}" || true; fi
+done

@@ -2,14 +2,17 @@
 //!
 //! The SDK's `BatchSpanProcessor` keeps the count of spans it drops to itself (it logs the first
 //! drop only), and its thread has no Tokio reactor, so an async HTTP client there fails quietly.
-//! This queue does the same job and says what it lost: a request thread only ever `try_send`s a
-//! finished span (never blocks, never waits on the network); the export thread runs its own
-//! current-thread runtime, batches by size or interval, bounds each export by `timeout_ms`, and
+//! This queue does the same job and says what it lost: a request thread only pushes a finished
+//! span under a short lock (never blocks on the network, never waits for room; a full queue
+//! drops and counts) and wakes the export thread only when a batch is full, so a lightly sampled
+//! edge is not interrupted per span. The export thread runs its own current-thread runtime,
+//! exports every `export_interval_ms` or per full batch, bounds each export by `timeout_ms`, and
 //! counts what it exported, what it dropped (queue full, or in a failed export) and the failed
 //! exports. `shutdown` exports what is queued, within the timeout.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use opentelemetry::InstrumentationScope;
@@ -73,16 +76,34 @@ pub enum StartError {
     Thread(#[from] std::io::Error),
 }
 
-enum Message {
-    Span(Box<SpanData>),
-    Flush(mpsc::Sender<()>),
-    Shutdown(mpsc::Sender<()>),
+/// What the request threads and the export thread share.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    capacity: usize,
+    batch_size: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    spans: Vec<SpanData>,
+    /// Flush and shutdown callers, answered once what was queued before them is exported.
+    waiting: Vec<mpsc::Sender<()>>,
+    shutdown: bool,
+    stopped: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The sending side of the export queue; also the SDK's span processor (for `tracing` spans).
 #[derive(Clone, Debug)]
 pub struct Queue {
-    tx: SyncSender<Message>,
+    shared: Arc<Shared>,
     counters: Counters,
     timeout: Duration,
 }
@@ -90,19 +111,31 @@ pub struct Queue {
 impl Queue {
     /// Queues a finished, sampled span; drops and counts it when the queue is full.
     pub fn send(&self, span: SpanData) {
-        match self.tx.try_send(Message::Span(Box::new(span))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.counters.dropped.inc()
-            }
+        let mut state = self.shared.lock();
+        if state.stopped || state.spans.len() >= self.shared.capacity {
+            drop(state);
+            self.counters.dropped.inc();
+            return;
+        }
+        state.spans.push(span);
+        let full = state.spans.len() == self.shared.batch_size;
+        drop(state);
+        if full {
+            self.shared.wake.notify_one();
         }
     }
 
-    fn ask(&self, message: fn(mpsc::Sender<()>) -> Message) -> OTelSdkResult {
+    fn ask(&self, shutdown: bool) -> OTelSdkResult {
         let (done, wait) = mpsc::channel();
-        self.tx
-            .send(message(done))
-            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        {
+            let mut state = self.shared.lock();
+            if state.stopped {
+                return Err(OTelSdkError::AlreadyShutdown);
+            }
+            state.waiting.push(done);
+            state.shutdown |= shutdown;
+        }
+        self.shared.wake.notify_one();
         // One export in progress plus the final one, each bounded by the timeout.
         wait.recv_timeout(self.timeout * 2 + Duration::from_secs(1))
             .map_err(|_| OTelSdkError::Timeout(self.timeout * 2))
@@ -119,11 +152,11 @@ impl SpanProcessor for Queue {
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.ask(Message::Flush)
+        self.ask(false)
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        self.ask(Message::Shutdown)
+        self.ask(true)
     }
 }
 
@@ -154,10 +187,15 @@ impl Pipeline {
                 env!("CARGO_PKG_VERSION"),
             ))
             .build();
-        let (tx, rx) = mpsc::sync_channel(config.queue_size);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            capacity: config.queue_size,
+            batch_size: config.batch_size,
+        });
         let (built_tx, built_rx) = mpsc::channel();
         let worker = Worker {
-            rx,
+            shared: shared.clone(),
             counters: counters.clone(),
             batch_size: config.batch_size,
             interval: Duration::from_millis(config.export_interval_ms),
@@ -196,7 +234,7 @@ impl Pipeline {
             .map_err(StartError::Exporter)?;
         Ok(Some(Self {
             queue: Queue {
-                tx,
+                shared,
                 counters,
                 timeout: Duration::from_millis(config.timeout_ms),
             },
@@ -243,14 +281,14 @@ impl Pipeline {
     /// Exports what is queued and stops the export thread (graceful shutdown and upgrade);
     /// bounded by twice the export timeout.
     pub fn shutdown(&self) {
-        if let Err(e) = self.queue.ask(Message::Shutdown) {
+        if let Err(e) = self.queue.ask(true) {
             tracing::warn!(error = %e, "tracing: spans still queued at shutdown were lost");
         }
     }
 
     /// Exports what is queued now (tests, and before an upgrade hands over).
     pub fn flush(&self) {
-        let _ = self.queue.ask(Message::Flush);
+        let _ = self.queue.ask(false);
     }
 }
 
@@ -315,9 +353,10 @@ fn exporter(
     }
 }
 
-/// The receiving end: batches spans and exports them.
+/// The receiving end: takes what is queued every interval (or when a batch is full, or a
+/// flush asks) and exports it.
 struct Worker {
-    rx: Receiver<Message>,
+    shared: Arc<Shared>,
     counters: Counters,
     batch_size: usize,
     interval: Duration,
@@ -326,68 +365,58 @@ struct Worker {
 
 impl Worker {
     fn run(self, runtime: &tokio::runtime::Runtime, exporter: &impl SpanExporter) {
-        let mut batch = Vec::with_capacity(self.batch_size);
-        let mut next = Instant::now() + self.interval;
         loop {
-            let message = self
-                .rx
-                .recv_timeout(next.saturating_duration_since(Instant::now()));
-            match message {
-                Ok(Message::Span(span)) => {
-                    batch.push(*span);
-                    if batch.len() >= self.batch_size {
-                        self.export(runtime, exporter, &mut batch);
+            let (mut spans, waiting, shutdown) = {
+                let mut state = self.shared.lock();
+                let deadline = Instant::now() + self.interval;
+                while state.spans.len() < self.batch_size
+                    && state.waiting.is_empty()
+                    && !state.shutdown
+                {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
                     }
+                    state = self
+                        .shared
+                        .wake
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
                 }
-                Ok(Message::Flush(done)) => {
-                    self.drain(runtime, exporter, &mut batch);
-                    let _ = done.send(());
-                }
-                Ok(Message::Shutdown(done)) => {
-                    self.drain(runtime, exporter, &mut batch);
-                    let _ = exporter.shutdown_with_timeout(self.timeout);
-                    let _ = done.send(());
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.drain(runtime, exporter, &mut batch);
-                    return;
-                }
+                let shutdown = state.shutdown;
+                // Nobody left to send (every `Queue` dropped): export the rest and stop.
+                let orphaned = Arc::strong_count(&self.shared) == 1;
+                state.stopped = shutdown || orphaned;
+                (
+                    std::mem::take(&mut state.spans),
+                    std::mem::take(&mut state.waiting),
+                    shutdown || orphaned,
+                )
+            };
+            while !spans.is_empty() {
+                let rest = spans.split_off(spans.len().min(self.batch_size));
+                self.export(runtime, exporter, spans);
+                spans = rest;
             }
-            if Instant::now() >= next {
-                self.export(runtime, exporter, &mut batch);
-                next = Instant::now() + self.interval;
+            if shutdown {
+                let _ = exporter.shutdown_with_timeout(self.timeout);
             }
-        }
-    }
-
-    /// Exports everything already queued.
-    fn drain(
-        &self,
-        runtime: &tokio::runtime::Runtime,
-        exporter: &impl SpanExporter,
-        batch: &mut Vec<SpanData>,
-    ) {
-        while let Ok(Message::Span(span)) = self.rx.try_recv() {
-            batch.push(*span);
-            if batch.len() >= self.batch_size {
-                self.export(runtime, exporter, batch);
+            for done in waiting {
+                let _ = done.send(());
+            }
+            if shutdown {
+                return;
             }
         }
-        self.export(runtime, exporter, batch);
     }
 
     fn export(
         &self,
         runtime: &tokio::runtime::Runtime,
         exporter: &impl SpanExporter,
-        batch: &mut Vec<SpanData>,
+        spans: Vec<SpanData>,
     ) {
-        if batch.is_empty() {
-            return;
-        }
-        let spans = std::mem::replace(batch, Vec::with_capacity(self.batch_size));
         let n = spans.len() as u64;
         let result = runtime
             .block_on(async { tokio::time::timeout(self.timeout, exporter.export(spans)).await });
@@ -426,5 +455,97 @@ impl opentelemetry_http::HttpClient for Client {
         *out.status_mut() = status;
         *out.headers_mut() = headers;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::time::SystemTime;
+
+    use opentelemetry::trace::{
+        SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    };
+
+    use super::*;
+
+    fn span() -> SpanData {
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(1),
+                SpanId::from(2),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: Cow::Borrowed("GET"),
+            start_time: SystemTime::now(),
+            end_time: SystemTime::now(),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: Status::Unset,
+            instrumentation_scope: InstrumentationScope::builder("test").build(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_never_blocks() {
+        let counters = Counters::new("test");
+        let queue = Queue {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                wake: Condvar::new(),
+                capacity: 4,
+                batch_size: 4,
+            }),
+            counters: counters.clone(),
+            timeout: Duration::from_millis(10),
+        };
+        for _ in 0..6 {
+            queue.send(span());
+        }
+        assert_eq!(queue.shared.lock().spans.len(), 4);
+        assert_eq!(counters.dropped.get(), 2);
+        queue.shared.lock().stopped = true;
+        queue.send(span());
+        assert_eq!(
+            counters.dropped.get(),
+            3,
+            "after shutdown every span is a drop"
+        );
+        assert!(queue.ask(false).is_err(), "a stopped queue answers at once");
+    }
+
+    #[test]
+    fn a_dead_collector_fails_the_export_and_counts_its_spans() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let config = TracingConfig {
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            timeout_ms: 2000,
+            export_interval_ms: 60_000,
+            ..Default::default()
+        };
+        let counters = Counters::new("test");
+        let pipeline = Pipeline::start(&config, "vigil-test", counters.clone())
+            .unwrap()
+            .unwrap();
+        for _ in 0..3 {
+            pipeline.export(span());
+        }
+        pipeline.flush();
+        assert_eq!(counters.failures.get(), 1);
+        assert_eq!(counters.dropped.get(), 3);
+        assert_eq!(counters.exported.get(), 0);
+        pipeline.shutdown();
+        pipeline.export(span());
+        assert_eq!(counters.dropped.get(), 4);
     }
 }
