@@ -9,7 +9,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use regex::bytes::{RegexSet, RegexSetBuilder};
 use serde::Deserialize;
 
-use crate::request::{self, Collections, Facts, Request, Value};
+use crate::request::{self, Collection, Collections, Facts, Request, Value};
 use crate::rules::{Category, Check, Detector, Operator, Pack, Rule, Selector};
 use crate::transform::Transform;
 
@@ -185,6 +185,10 @@ impl<'s> Outs<'s> {
 pub struct Engine {
     rules: Vec<Rule>,
     chains: Vec<Chain>,
+    /// Per collection (`Collection as usize`), the chains that read it, in chain order, each
+    /// with whether a value must pass its selectors (a chain that reads the whole collection
+    /// takes every value of it).
+    by_collection: Vec<Vec<(usize, bool)>>,
     steps: Vec<Step>,
     checks: Vec<usize>,
     excepts: Vec<Except>,
@@ -381,9 +385,27 @@ impl Engine {
                 chain.phrases = Some((ac, phrase_rules, phrase_words));
             }
         }
+        let by_collection = Collection::ALL
+            .iter()
+            .map(|&c| {
+                chains
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, chain)| chain.reads.contains(c))
+                    .map(|(i, chain)| {
+                        let whole = chain
+                            .selectors
+                            .iter()
+                            .any(|s| s.collection == c && s.key.is_none() && !s.json_only);
+                        (i, !whole)
+                    })
+                    .collect()
+            })
+            .collect();
         Ok(Engine {
             rules,
             chains,
+            by_collection,
             steps,
             checks,
             excepts,
@@ -424,10 +446,9 @@ impl Engine {
         let mut outs = Outs::new(&self.steps);
         for v in &values {
             outs.reset();
-            for chain in &self.chains {
-                if !chain.reads.contains(v.collection)
-                    || !chain.selectors.iter().any(|s| s.selects(v))
-                {
+            for &(c, check) in &self.by_collection[v.collection as usize] {
+                let chain = &self.chains[c];
+                if check && !chain.selectors.iter().any(|s| s.selects(v)) {
                     continue;
                 }
                 let t = outs.get(chain.step, &v.bytes);

@@ -314,8 +314,14 @@ fn js_decode(input: &[u8]) -> Cow<'_, [u8]> {
 }
 
 fn compress_whitespace(input: &[u8]) -> Cow<'_, [u8]> {
-    let needs = input.windows(2).any(|w| is_space(w[0]) && is_space(w[1]))
-        || input.iter().any(|&b| is_space(b) && b != b' ');
+    // One pass: a space other than ' ', or two spaces in a row, needs the rewrite.
+    let mut previous_space = false;
+    let needs = input.iter().any(|&b| {
+        let space = is_space(b);
+        let needs = space && (previous_space || b != b' ');
+        previous_space = space;
+        needs
+    });
     if !needs {
         return Cow::Borrowed(input);
     }
@@ -454,7 +460,10 @@ fn cmd_line(input: &[u8]) -> Cow<'_, [u8]> {
 
 fn base64_decode(input: &[u8]) -> Cow<'_, [u8]> {
     let trimmed = input.trim_ascii();
-    if trimmed.len() < 4 {
+    let alphabet =
+        |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'=');
+    // Prose, paths and most values hold a byte no base64 alphabet has: no decoder runs.
+    if trimmed.len() < 4 || !trimmed.iter().all(alphabet) {
         return Cow::Borrowed(input);
     }
     let engines = [
@@ -527,6 +536,20 @@ mod tests {
     fn base64_only_when_it_is_base64() {
         assert_eq!(t(Transform::Base64Decode, "PHNjcmlwdD4="), "<script>");
         assert_eq!(t(Transform::Base64Decode, "hello world"), "hello world");
+        assert_eq!(t(Transform::Base64Decode, "PHNjcmlwdD4"), "<script>");
+        assert_eq!(t(Transform::Base64Decode, " PD9waHA_ "), "<?php?");
+        assert_eq!(t(Transform::Base64Decode, "a.b/c"), "a.b/c");
+    }
+
+    #[test]
+    fn white_space_runs_become_one_space() {
+        assert_eq!(t(Transform::CompressWhitespace, "a  b\t\tc\nd"), "a b c d");
+        for same in ["a b c", " a ", ""] {
+            assert!(matches!(
+                Transform::CompressWhitespace.apply(same.as_bytes()),
+                Cow::Borrowed(_)
+            ));
+        }
     }
 
     #[test]
