@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
 /// The whole `auth.toml`. Every section is optional; the defaults run the service on loopback
 /// with SQLite under `./data`.
@@ -174,61 +173,32 @@ impl Default for Limits {
     }
 }
 
-/// Everything wrong with one config file, one line per problem.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", .errors.join("\n"))]
-pub struct ConfigError {
-    /// `FILE: key.path: message` lines.
-    pub errors: Vec<String>,
-}
+pub use settings::ConfigError;
 
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            errors: vec![format!("{}: cannot read: {e}", path.display())],
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&settings::read(path)?, &path.display().to_string())
     }
 
     /// Parses and checks `text`; `origin` names the file in the errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let table = settings::table(text, origin)?;
         let mut errors = Vec::new();
-        let table: toml::Table = match text.parse() {
-            Ok(t) => t,
-            Err(e) => {
-                let msg = e.message().to_owned();
-                let at = e.span().map(|s| line_of(text, s.start)).unwrap_or_default();
-                return Err(ConfigError {
-                    errors: vec![format!("{origin}:{at}: {msg}")],
-                });
-            }
-        };
-        for key in table.keys() {
-            if !["listen", "database", "tokens", "limits", "tracing"].contains(&key.as_str()) {
-                errors.push(format!(
-                    "{key}: unknown section, expected one of listen, database, tokens, limits, tracing"
-                ));
-            }
-        }
+        settings::unknown_sections(
+            &table,
+            &["listen", "database", "tokens", "limits", "tracing"],
+            &mut errors,
+        );
         let config = Config {
-            listen: section(&table, "listen", &mut errors),
-            database: section(&table, "database", &mut errors),
-            tokens: section(&table, "tokens", &mut errors),
-            limits: section(&table, "limits", &mut errors),
-            tracing: section(&table, "tracing", &mut errors),
+            listen: settings::section(&table, "listen", &mut errors),
+            database: settings::section(&table, "database", &mut errors),
+            tokens: settings::section(&table, "tokens", &mut errors),
+            limits: settings::section(&table, "limits", &mut errors),
+            tracing: settings::section(&table, "tracing", &mut errors),
         };
         config.check(&mut errors);
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError {
-                errors: errors
-                    .into_iter()
-                    .map(|e| format!("{origin}: {e}"))
-                    .collect(),
-            })
-        }
+        settings::finish(config, origin, errors)
     }
 
     fn check(&self, errors: &mut Vec<String>) {
@@ -292,35 +262,6 @@ impl Config {
             .or_else(|| self.database.url.clone())
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())
     }
-}
-
-/// Deserialises `table[name]` (or the default when absent), recording an error with its key path.
-fn section<T: DeserializeOwned + Default>(
-    table: &toml::Table,
-    name: &str,
-    errors: &mut Vec<String>,
-) -> T {
-    let Some(value) = table.get(name) else {
-        return T::default();
-    };
-    match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-        Ok(v) => v,
-        Err(e) => {
-            let path = e.path().to_string();
-            let key = if path == "." {
-                name.to_owned()
-            } else {
-                format!("{name}.{path}")
-            };
-            errors.push(format!("{key}: {}", e.into_inner().message()));
-            T::default()
-        }
-    }
-}
-
-fn line_of(text: &str, offset: usize) -> String {
-    let line = text[..offset.min(text.len())].matches('\n').count() + 1;
-    format!("{line}")
 }
 
 #[cfg(test)]

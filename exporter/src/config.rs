@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
 /// The whole `exporter.toml`. Every section is optional; a collector whose section is absent
 /// (or lists nothing) does not run.
@@ -243,66 +242,30 @@ impl ProbeTarget {
     }
 }
 
-/// Everything wrong with one config file, one line per problem.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", .errors.join("\n"))]
-pub struct ConfigError {
-    /// `FILE: key.path: message` lines.
-    pub errors: Vec<String>,
-}
+pub use settings::ConfigError;
 
 const SECTIONS: [&str; 5] = ["listen", "scrape", "database", "certificates", "probes"];
 
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            errors: vec![format!("{}: cannot read: {e}", path.display())],
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&settings::read(path)?, &path.display().to_string())
     }
 
     /// Parses and checks `text`; `origin` names the file in the errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let table: toml::Table = match text.parse() {
-            Ok(t) => t,
-            Err(e) => {
-                let at = e
-                    .span()
-                    .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-                    .unwrap_or_default();
-                return Err(ConfigError {
-                    errors: vec![format!("{origin}:{at}: {}", e.message())],
-                });
-            }
-        };
+        let table = settings::table(text, origin)?;
         let mut errors = Vec::new();
-        for key in table.keys() {
-            if !SECTIONS.contains(&key.as_str()) {
-                errors.push(format!(
-                    "{key}: unknown section, expected one of {}",
-                    SECTIONS.join(", ")
-                ));
-            }
-        }
+        settings::unknown_sections(&table, &SECTIONS, &mut errors);
         let config = Config {
-            listen: section(&table, "listen", &mut errors),
-            scrape: section(&table, "scrape", &mut errors),
-            database: section(&table, "database", &mut errors),
-            certificates: section(&table, "certificates", &mut errors),
-            probes: section(&table, "probes", &mut errors),
+            listen: settings::section(&table, "listen", &mut errors),
+            scrape: settings::section(&table, "scrape", &mut errors),
+            database: settings::section(&table, "database", &mut errors),
+            certificates: settings::section(&table, "certificates", &mut errors),
+            probes: settings::section(&table, "probes", &mut errors),
         };
         config.check(&mut errors);
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError {
-                errors: errors
-                    .into_iter()
-                    .map(|e| format!("{origin}: {e}"))
-                    .collect(),
-            })
-        }
+        settings::finish(config, origin, errors)
     }
 
     /// The semantic checks; `Exporter::new` runs them too, for configs built in code.
@@ -430,30 +393,6 @@ fn name_check(
         );
     } else if !seen.insert(name.to_owned()) {
         bad(format!("{key}.name"), &format!("{name:?} is used twice"));
-    }
-}
-
-/// Deserialises `table[name]` (or the default when absent), recording an error with its key path.
-fn section<T: DeserializeOwned + Default>(
-    table: &toml::Table,
-    name: &str,
-    errors: &mut Vec<String>,
-) -> T {
-    let Some(value) = table.get(name) else {
-        return T::default();
-    };
-    match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-        Ok(v) => v,
-        Err(e) => {
-            let path = e.path().to_string();
-            let key = if path == "." {
-                name.to_owned()
-            } else {
-                format!("{name}.{path}")
-            };
-            errors.push(format!("{key}: {}", e.into_inner().message()));
-            T::default()
-        }
     }
 }
 

@@ -651,41 +651,18 @@ impl Default for SecurityHeaders {
     }
 }
 
-/// Everything wrong with one config file, one `FILE: key.path: message` line per problem.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", .errors.join("\n"))]
-pub struct ConfigError {
-    /// The lines.
-    pub errors: Vec<String>,
-}
+pub use settings::ConfigError;
 
 /// Reads and checks the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        errors: vec![format!("{}: cannot read: {e}", path.display())],
-    })?;
-    parse(&text, &path.display().to_string())
+    parse(&settings::read(path)?, &path.display().to_string())
 }
 
 /// Parses and checks `text`; `origin` names the file in the errors.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        let line = e.span().map_or(0, |s| {
-            text[..s.start.min(text.len())].matches('\n').count() + 1
-        });
-        ConfigError {
-            errors: vec![format!("{origin}:{line}: {}", e.message())],
-        }
-    })?;
+    let table = settings::table(text, origin)?;
     let mut errors = Errors::default();
-    for key in table.keys() {
-        if !SECTIONS.contains(&key.as_str()) {
-            errors.push(
-                key,
-                format!("unknown section, expected one of {}", SECTIONS.join(", ")),
-            );
-        }
-    }
+    settings::unknown_sections(&table, &SECTIONS, &mut errors.0);
     let config = Config {
         origin: origin.to_owned(),
         listen: errors.section(&table, "listen"),
@@ -697,17 +674,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         tracing: errors.section(&table, "tracing"),
     };
     config.check(&mut errors);
-    if errors.0.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError {
-            errors: errors
-                .0
-                .into_iter()
-                .map(|e| format!("{origin}: {e}"))
-                .collect(),
-        })
-    }
+    settings::finish(config, origin, errors.0)
 }
 
 const SECTIONS: [&str; 7] = [
@@ -729,28 +696,12 @@ impl Errors {
         self.0.push(format!("{key}: {msg}"));
     }
 
-    /// Deserialises `value`, recording a failure under `key` (plus the path inside it).
     fn value<T: DeserializeOwned>(&mut self, key: &str, value: &toml::Value) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let path = e.path().to_string();
-                let key = if path == "." {
-                    key.to_owned()
-                } else {
-                    format!("{key}.{path}")
-                };
-                self.push(key, e.into_inner().message());
-                None
-            }
-        }
+        settings::value(key, value, &mut self.0)
     }
 
     fn section<T: DeserializeOwned + Default>(&mut self, table: &toml::Table, name: &str) -> T {
-        table
-            .get(name)
-            .and_then(|v| self.value(name, v))
-            .unwrap_or_default()
+        settings::section(table, name, &mut self.0)
     }
 
     fn named<T: DeserializeOwned>(
