@@ -1,15 +1,18 @@
 //! The compiled engine: a pack cut to one route's paranoia level and exclusions, with every
-//! rule grouped by its transformation chain. For each value, each chain is applied once and
-//! its rules run together: the regular expressions as one `RegexSet`, the phrases as one
-//! Aho-Corasick automaton, then the detectors and numeric checks.
+//! rule grouped by its transformation chain. A value visits the chains that read its
+//! collection and key; a chain none of whose rules can match the value (its bytes and words,
+//! see [`crate::needs`]) is skipped with its transformations. Otherwise the chain is applied
+//! once and its rules run together: the regular expressions as one `RegexSet`, the phrases as
+//! one Aho-Corasick automaton, then the detectors and numeric checks.
 
 use std::collections::HashMap;
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use regex::bytes::{RegexSet, RegexSetBuilder};
 use serde::Deserialize;
 
-use crate::request::{self, Collection, Collections, Facts, Request, Value};
+use crate::needs::{Mask, Needs, Passage};
+use crate::request::{self, Collection, Facts, Request, Value};
 use crate::rules::{Category, Check, Detector, Operator, Pack, Rule, Selector};
 use crate::transform::Transform;
 
@@ -93,14 +96,123 @@ struct Chain {
     transforms: Vec<Transform>,
     /// The step (see [`Step`]) whose output this chain reads; `None`: the value as it is.
     step: Option<usize>,
-    /// The collections any of its rules read: other values skip the chain.
-    reads: Collections,
+    /// The step of each transformation of the chain, in order.
+    steps: Vec<usize>,
+    /// What its transformations do to a value's mask, in short.
+    passage: Passage,
     /// The distinct selectors of its rules: a value none of them selects skips the chain.
     selectors: Vec<Selector>,
     regex: Option<(RegexSet, Vec<usize>)>,
     phrases: Option<(AhoCorasick, Vec<usize>, Vec<bool>)>,
     /// Rules with another operator.
     others: Vec<usize>,
+    /// What a value needs for some rule of the chain to match it (see [`Needs`]): the rules'
+    /// alternatives that need no word, and those that do (checked by their bytes alone when a
+    /// value is not judged by its words), each with the union of their rarest clauses.
+    plain: Gates,
+    worded: Gates,
+    /// Whether some rule of the chain needs nothing, so every value runs it.
+    always: bool,
+}
+
+/// Alternatives of rules: byte clauses each, and the union of their first clauses (a mask that
+/// misses it meets none); `open` when one has no clause (every mask meets it).
+#[derive(Debug, Default)]
+struct Gates {
+    open: bool,
+    any: Mask,
+    each: Vec<Vec<Mask>>,
+}
+
+impl Gates {
+    /// Adds an alternative, unless one already there is met whenever it is; drops those it is
+    /// met whenever they are (only whether some alternative is met counts).
+    fn push(&mut self, clauses: &[Mask]) {
+        if self.each.iter().any(|old| implied(clauses, old)) {
+            return;
+        }
+        self.each.retain(|old| !implied(old, clauses));
+        self.each.push(clauses.to_vec());
+        self.open = self.each.iter().any(Vec::is_empty);
+        self.any = self.each.iter().fold(Mask::default(), |m, c| {
+            m.union(c.first().copied().unwrap_or_default())
+        });
+    }
+
+    fn met_by(&self, m: Mask) -> bool {
+        self.open || (m.meets(self.any) && self.each.iter().any(|c| met(c, m)))
+    }
+}
+
+/// Whether every value that meets `a` meets `b`: each clause of `b` holds one of `a` whole.
+fn implied(a: &[Mask], b: &[Mask]) -> bool {
+    b.iter().all(|bc| a.iter().any(|ac| ac.within(*bc)))
+}
+
+fn met(clauses: &[Mask], m: Mask) -> bool {
+    clauses.iter().all(|c| c.meets(m))
+}
+
+/// The chains that read one collection, by the key of the value: each in chain order, with
+/// whether a value must still pass the chain's selectors (those that read JSON values only).
+#[derive(Debug, Default)]
+struct Route {
+    /// For a value whose key no selector of the collection names.
+    any: Vec<(usize, bool)>,
+    /// For a value of a key some selector names (lower case for headers).
+    keys: Vec<(String, Vec<(usize, bool)>)>,
+    /// Whether keys compare without case (header names).
+    caseless: bool,
+}
+
+impl Route {
+    fn new(c: Collection, chains: &[Chain]) -> Route {
+        let named = |s: &Selector| s.collection == c && !s.json_only;
+        let mut keys: Vec<String> = chains
+            .iter()
+            .flat_map(|chain| chain.selectors.iter().filter(|s| named(s)))
+            .filter_map(|s| s.key.clone())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        // The chains a value of key `key` (none: any other key) visits.
+        let visits = |key: Option<&str>| -> Vec<(usize, bool)> {
+            let mut visits = Vec::new();
+            for (i, chain) in chains.iter().enumerate() {
+                let picks = chain
+                    .selectors
+                    .iter()
+                    .any(|s| named(s) && (s.key.is_none() || s.key.as_deref() == key));
+                let maybe = chain
+                    .selectors
+                    .iter()
+                    .any(|s| s.collection == c && s.json_only);
+                if picks || maybe {
+                    visits.push((i, !picks));
+                }
+            }
+            visits
+        };
+        Route {
+            any: visits(None),
+            keys: keys.iter().map(|k| (k.clone(), visits(Some(k)))).collect(),
+            caseless: c == Collection::Headers,
+        }
+    }
+
+    fn chains(&self, key: &str) -> &[(usize, bool)] {
+        let same = |k: &str| {
+            if self.caseless {
+                k.eq_ignore_ascii_case(key)
+            } else {
+                k == key
+            }
+        };
+        self.keys
+            .iter()
+            .find(|(k, _)| same(k))
+            .map_or(&self.any, |(_, v)| v)
+    }
 }
 
 /// One transformation applied to the output of an earlier step (or to the value): the chains'
@@ -160,6 +272,15 @@ impl<'s> Outs<'s> {
         self.outs[at] = Some(out);
     }
 
+    /// What step `at` wrote, if it changed its input.
+    fn changed<'v>(&'v mut self, at: usize, value: &[u8]) -> Option<&'v [u8]> {
+        self.fill(at, value);
+        match &self.outs[at] {
+            Some(Out::New(v)) => Some(v),
+            _ => None,
+        }
+    }
+
     fn resolve_opt<'v>(&'v self, at: Option<usize>, value: &'v [u8]) -> &'v [u8] {
         match at {
             Some(at) => self.resolve(at, value),
@@ -185,14 +306,19 @@ impl<'s> Outs<'s> {
 pub struct Engine {
     rules: Vec<Rule>,
     chains: Vec<Chain>,
-    /// Per collection (`Collection as usize`), the chains that read it, in chain order, each
-    /// with whether a value must pass its selectors (a chain that reads the whole collection
-    /// takes every value of it).
-    by_collection: Vec<Vec<(usize, bool)>>,
+    /// Per collection (`Collection as usize`), the chains each of its values visits.
+    by_collection: Vec<Route>,
     steps: Vec<Step>,
     checks: Vec<usize>,
     excepts: Vec<Except>,
     settings: Settings,
+    /// The words rules need, and for each word the rules that need it.
+    words: Option<(AhoCorasick, Vec<Vec<usize>>)>,
+    /// Per rule, its chain and its alternatives that need a word.
+    worded: Vec<(usize, Gates)>,
+    /// Whether values skip the chains none of whose rules they can match (off only in the
+    /// test that proves skipping changes no report).
+    gates: bool,
 }
 
 /// One rule that matched: where, on what, and what it adds.
@@ -314,17 +440,20 @@ impl Engine {
                 chains.push(Chain {
                     transforms: rule.transforms.clone(),
                     step: None,
-                    reads: Collections::default(),
+                    steps: Vec::new(),
+                    passage: Passage::of(&rule.transforms),
                     selectors: Vec::new(),
                     regex: None,
                     phrases: None,
                     others: Vec::new(),
+                    plain: Gates::default(),
+                    worded: Gates::default(),
+                    always: false,
                 });
                 members.push(Vec::new());
                 chains.len() - 1
             });
             for t in &rule.targets {
-                chains[c].reads.insert(t.collection);
                 if !chains[c].selectors.contains(t) {
                     chains[c].selectors.push(t.clone());
                 }
@@ -345,10 +474,48 @@ impl Engine {
                     steps.len() - 1
                 });
                 parent = Some(id);
+                chain.steps.push(id);
             }
             chain.step = parent;
         }
-        for (chain, members) in chains.iter_mut().zip(members) {
+        let needs: Vec<Needs> = rules.iter().map(Needs::of_rule).collect();
+        let mut words: Vec<(Vec<u8>, Vec<usize>)> = Vec::new();
+        for (i, n) in needs.iter().enumerate() {
+            for w in n.words() {
+                match words.iter_mut().find(|(x, _)| x == w) {
+                    Some((_, rules)) => rules.push(i),
+                    None => words.push((w.clone(), vec![i])),
+                }
+            }
+        }
+        let words = if words.is_empty() {
+            None
+        } else {
+            // A DFA: every value is searched, overlapping, so speed per byte is what counts.
+            let ac = AhoCorasickBuilder::new()
+                .ascii_case_insensitive(true)
+                .match_kind(MatchKind::Standard)
+                .kind(Some(AhoCorasickKind::DFA))
+                .build(words.iter().map(|(w, _)| w))
+                .map_err(|e| SettingsError(vec![format!("the rules' words: {e}")]))?;
+            Some((ac, words.into_iter().map(|(_, r)| r).collect()))
+        };
+        let mut worded: Vec<(usize, Gates)> = (0..rules.len())
+            .map(|_| (usize::MAX, Gates::default()))
+            .collect();
+        for (c, (chain, members)) in chains.iter_mut().zip(members).enumerate() {
+            chain.always = members.iter().any(|&i| needs[i].is_nothing());
+            for &i in &members {
+                for (clauses, needs_word) in needs[i].alternatives() {
+                    if needs_word {
+                        chain.worded.push(clauses);
+                        worded[i].0 = c;
+                        worded[i].1.push(clauses);
+                    } else {
+                        chain.plain.push(clauses);
+                    }
+                }
+            }
             let (mut pats, mut pat_rules) = (Vec::new(), Vec::new());
             let (mut phrases, mut phrase_rules, mut phrase_words) =
                 (Vec::new(), Vec::new(), Vec::new());
@@ -387,20 +554,7 @@ impl Engine {
         }
         let by_collection = Collection::ALL
             .iter()
-            .map(|&c| {
-                chains
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, chain)| chain.reads.contains(c))
-                    .map(|(i, chain)| {
-                        let whole = chain
-                            .selectors
-                            .iter()
-                            .any(|s| s.collection == c && s.key.is_none() && !s.json_only);
-                        (i, !whole)
-                    })
-                    .collect()
-            })
+            .map(|&c| Route::new(c, &chains))
             .collect();
         Ok(Engine {
             rules,
@@ -410,6 +564,9 @@ impl Engine {
             checks,
             excepts,
             settings,
+            words,
+            worded,
+            gates: true,
         })
     }
 
@@ -446,9 +603,14 @@ impl Engine {
         let mut outs = Outs::new(&self.steps);
         for v in &values {
             outs.reset();
-            for &(c, check) in &self.by_collection[v.collection as usize] {
+            let raw = Mask::of(&v.bytes);
+            let mut words = None;
+            for &(c, check) in self.by_collection[v.collection as usize].chains(&v.key) {
                 let chain = &self.chains[c];
                 if check && !chain.selectors.iter().any(|s| s.selects(v)) {
+                    continue;
+                }
+                if self.gates && !self.may_match(c, raw, &v.bytes, &mut outs, &mut words) {
                     continue;
                 }
                 let t = outs.get(chain.step, &v.bytes);
@@ -476,6 +638,77 @@ impl Engine {
         }
         hits.report.facts = facts;
         hits.report
+    }
+
+    /// Whether a value of mask `raw` may match a rule of chain `c`: one whose byte clauses the
+    /// transformed value's mask meets and, when the value is judged by its words, one of whose
+    /// words it holds (`hits`, found on first use).
+    fn may_match(
+        &self,
+        c: usize,
+        raw: Mask,
+        value: &[u8],
+        outs: &mut Outs<'_>,
+        hits: &mut Option<Vec<usize>>,
+    ) -> bool {
+        let chain = &self.chains[c];
+        if chain.always {
+            return true;
+        }
+        // The transformed value's bytes, and whether its words are all in the raw value. When
+        // a decoder's escape is there, the decoder runs (its output is shared with the chain
+        // that follows): what it wrote, if anything, is then known exactly.
+        let (m, by_words) = chain.passage.quick(raw).unwrap_or_else(|| {
+            let (mut m, mut by_words) = (raw, !raw.hides_words());
+            for (&t, &at) in chain.transforms.iter().zip(&chain.steps) {
+                if !m.writes_words(t) {
+                    m = m.after(t);
+                } else if t.decodes() {
+                    if let Some(out) = outs.changed(at, value) {
+                        m = Mask::of(out);
+                        by_words = false;
+                    }
+                } else {
+                    m = m.after(t);
+                    by_words = false;
+                }
+            }
+            (m, by_words)
+        });
+        if chain.plain.met_by(m) {
+            return true;
+        }
+        if !by_words {
+            return chain.worded.met_by(m);
+        }
+        // Looked for once per value, and only here: the rules one of whose words it holds.
+        let hits = hits.get_or_insert_with(|| self.find_words(value));
+        hits.iter().any(|&i| {
+            let (of, alternatives) = &self.worded[i];
+            *of == c && alternatives.met_by(m)
+        })
+    }
+
+    /// The rules one of whose words `value` holds, in order.
+    fn find_words(&self, value: &[u8]) -> Vec<usize> {
+        let Some((ac, rules)) = &self.words else {
+            return Vec::new();
+        };
+        let mut seen = vec![0u64; self.rules.len().div_ceil(64)];
+        for m in ac.find_overlapping_iter(value) {
+            for &i in &rules[m.pattern().as_usize()] {
+                seen[i / 64] |= 1 << (i % 64);
+            }
+        }
+        let mut found = Vec::new();
+        for (w, &bits) in seen.iter().enumerate() {
+            let mut bits = bits;
+            while bits != 0 {
+                found.push(w * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+        found
     }
 
     fn check(&self, check: Check, req: &Request<'_>, facts: &Facts) -> bool {
@@ -773,6 +1006,146 @@ mod tests {
                     .matches
                     .iter()
                     .all(|m| e.rules.iter().any(|r| r.id == m.rule))
+            );
+        }
+    }
+
+    /// An owned request: method, target, headers, body.
+    struct Case {
+        method: String,
+        uri: String,
+        headers: Vec<(String, Vec<u8>)>,
+        body: Vec<u8>,
+    }
+
+    impl Case {
+        fn request(&self) -> (String, Request<'_>) {
+            let (path, query) = self.uri.split_once('?').unwrap_or((&self.uri, ""));
+            let path = crate::raw::decode_path(path.as_bytes());
+            (
+                path,
+                Request {
+                    method: &self.method,
+                    path: "",
+                    uri: self.uri.as_bytes(),
+                    query: query.as_bytes(),
+                    headers: self
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_slice()))
+                        .collect(),
+                    body: &self.body,
+                    body_truncated: false,
+                    client_ip: Some("192.0.2.7".parse().expect("ip")),
+                },
+            )
+        }
+    }
+
+    /// Every rule's own tests in each place a value can be, the regression corpus, and the
+    /// CRS cases (when `../shared` is there).
+    fn cases() -> Vec<Case> {
+        let pack = Pack::embedded().expect("pack");
+        let mut cases = Vec::new();
+        let header = |n: &str, v: &[u8]| (n.to_string(), v.to_vec());
+        for rule in &pack.rules {
+            for s in rule.tests.attack.iter().chain(&rule.tests.benign) {
+                let q: String =
+                    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                        .to_string();
+                let json = serde_json::json!({ "q": s, "list": [s] }).to_string();
+                let base = vec![header("Host", b"h"), header("User-Agent", s.as_bytes())];
+                cases.push(Case {
+                    method: "GET".into(),
+                    uri: format!("/search?q={q}&{q}=1"),
+                    headers: [
+                        base.clone(),
+                        vec![header("Cookie", format!("c={s}").as_bytes())],
+                    ]
+                    .concat(),
+                    body: Vec::new(),
+                });
+                for (ctype, body) in [
+                    ("application/json", json.into_bytes()),
+                    (
+                        "application/x-www-form-urlencoded",
+                        format!("a={q}").into_bytes(),
+                    ),
+                    ("text/plain", s.as_bytes().to_vec()),
+                ] {
+                    cases.push(Case {
+                        method: "POST".into(),
+                        uri: "/api/items".into(),
+                        headers: [base.clone(), vec![header("Content-Type", ctype.as_bytes())]]
+                            .concat(),
+                        body,
+                    });
+                }
+            }
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for file in ["tests/data/attacks.jsonl", "tests/data/benign.jsonl"] {
+            let text = std::fs::read_to_string(root.join(file)).expect("corpus");
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line).expect("json");
+                let raw = v["raw"].as_str().unwrap_or("");
+                if let Ok(r) = crate::raw::parse(raw.as_bytes()) {
+                    cases.push(Case {
+                        method: r.method,
+                        uri: String::from_utf8_lossy(&r.uri).into_owned(),
+                        headers: r.headers,
+                        body: r.body,
+                    });
+                }
+            }
+        }
+        let crs = root.join("../../shared/corpora/crs/crs_cases.jsonl");
+        for line in std::fs::read_to_string(crs).unwrap_or_default().lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+            cases.push(Case {
+                method: s("method"),
+                uri: s("uri"),
+                headers: v["headers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|h| Some(header(h[0].as_str()?, h[1].as_str()?.as_bytes())))
+                    .collect(),
+                body: s("data").into_bytes(),
+            });
+        }
+        cases
+    }
+
+    #[test]
+    fn skipping_what_cannot_match_changes_no_report() {
+        let pack = Pack::embedded().expect("pack");
+        let cases = cases();
+        assert!(cases.len() > 2000, "{} cases", cases.len());
+        for paranoia in [1, 4] {
+            let settings = Settings {
+                paranoia,
+                ..Settings::default()
+            };
+            let gated = Engine::new(&pack, settings.clone()).expect("engine");
+            let mut full = Engine::new(&pack, settings).expect("engine");
+            full.gates = false;
+            let mut matched = 0;
+            for case in &cases {
+                let (path, mut req) = case.request();
+                req.path = &path;
+                let (a, b) = (gated.inspect(&req), full.inspect(&req));
+                assert_eq!(a, b, "PL{paranoia} {} {}", case.method, case.uri);
+                matched += usize::from(!a.matches.is_empty());
+            }
+            // The cases exercise the rules: most of them match something.
+            assert!(
+                matched * 2 > cases.len(),
+                "PL{paranoia}: {matched} of {} matched",
+                cases.len()
             );
         }
     }

@@ -4,11 +4,13 @@
 //! - [`rules`]: the rule pack (`config/waf/*.toml`, embedded) and its checks.
 //! - [`request`]: the request model and the values taken apart from it.
 //! - [`transform`]: the decodings a rule asks for.
+//! - [`needs`]: what a value must hold for a rule to match it.
 //! - [`engine`]: the pack compiled for one route, and inspection.
 //! - [`raw`]: a raw HTTP request parsed into a [`Request`] (for `vigil waf test`).
 //! - [`selftest`]: every rule's own tests, run against the engine.
 
 pub mod engine;
+pub mod needs;
 pub mod raw;
 pub mod request;
 pub mod rules;

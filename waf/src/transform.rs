@@ -41,6 +41,17 @@ pub enum Transform {
 }
 
 impl Transform {
+    /// Whether it decodes an encoding (and so may write any byte).
+    pub fn decodes(self) -> bool {
+        matches!(
+            self,
+            Transform::UrlDecode
+                | Transform::HtmlEntityDecode
+                | Transform::JsDecode
+                | Transform::Base64Decode
+        )
+    }
+
     /// `input` transformed.
     pub fn apply<'a>(self, input: &'a [u8]) -> Cow<'a, [u8]> {
         match self {
