@@ -106,13 +106,20 @@ struct Chain {
     phrases: Option<(AhoCorasick, Vec<usize>, Vec<bool>)>,
     /// Rules with another operator.
     others: Vec<usize>,
-    /// What a value needs for some rule of the chain to match it (see [`Needs`]): the rules'
-    /// alternatives that need no word, and those that do (checked by their bytes alone when a
-    /// value is not judged by its words), each with the union of their rarest clauses.
+    /// Every rule of the chain.
+    members: Vec<usize>,
+}
+
+/// What a value needs for some rule of a chain that reads it to match it (see [`Needs`]):
+/// the rules' alternatives that need no word, and those that do (checked by their bytes alone
+/// when a value is not judged by its words), and the rules that need words, in order.
+#[derive(Debug, Default)]
+struct Gate {
+    /// Some rule needs nothing: every such value runs the chain.
+    always: bool,
     plain: Gates,
     worded: Gates,
-    /// Whether some rule of the chain needs nothing, so every value runs it.
-    always: bool,
+    rules: Vec<usize>,
 }
 
 /// Alternatives of rules: byte clauses each, and the union of their first clauses (a mask that
@@ -153,20 +160,29 @@ fn met(clauses: &[Mask], m: Mask) -> bool {
     clauses.iter().all(|c| c.meets(m))
 }
 
-/// The chains that read one collection, by the key of the value: each in chain order, with
-/// whether a value must still pass the chain's selectors (those that read JSON values only).
+/// A chain as a value of one collection and key visits it: whether the value must still pass
+/// the chain's selectors (those that read JSON values only), and the gate of the chain's rules
+/// that read such a value.
+#[derive(Debug)]
+struct Visit {
+    chain: usize,
+    check: bool,
+    gate: Gate,
+}
+
+/// The chains that read one collection, by the key of the value, each in chain order.
 #[derive(Debug, Default)]
 struct Route {
     /// For a value whose key no selector of the collection names.
-    any: Vec<(usize, bool)>,
+    any: Vec<Visit>,
     /// For a value of a key some selector names (lower case for headers).
-    keys: Vec<(String, Vec<(usize, bool)>)>,
+    keys: Vec<(String, Vec<Visit>)>,
     /// Whether keys compare without case (header names).
     caseless: bool,
 }
 
 impl Route {
-    fn new(c: Collection, chains: &[Chain]) -> Route {
+    fn new(c: Collection, chains: &[Chain], rules: &[Rule], needs: &[Needs]) -> Route {
         let named = |s: &Selector| s.collection == c && !s.json_only;
         let mut keys: Vec<String> = chains
             .iter()
@@ -176,7 +192,10 @@ impl Route {
         keys.sort();
         keys.dedup();
         // The chains a value of key `key` (none: any other key) visits.
-        let visits = |key: Option<&str>| -> Vec<(usize, bool)> {
+        let visits = |key: Option<&str>| -> Vec<Visit> {
+            let reads = |s: &Selector| {
+                s.collection == c && (s.json_only || s.key.is_none() || s.key.as_deref() == key)
+            };
             let mut visits = Vec::new();
             for (i, chain) in chains.iter().enumerate() {
                 let picks = chain
@@ -187,9 +206,30 @@ impl Route {
                     .selectors
                     .iter()
                     .any(|s| s.collection == c && s.json_only);
-                if picks || maybe {
-                    visits.push((i, !picks));
+                if !(picks || maybe) {
+                    continue;
                 }
+                let mut gate = Gate::default();
+                for &r in &chain.members {
+                    if !rules[r].targets.iter().any(reads) {
+                        continue;
+                    }
+                    gate.always |= needs[r].is_nothing();
+                    for (clauses, needs_word) in needs[r].alternatives() {
+                        if needs_word {
+                            gate.worded.push(clauses);
+                            gate.rules.push(r);
+                        } else {
+                            gate.plain.push(clauses);
+                        }
+                    }
+                }
+                gate.rules.dedup();
+                visits.push(Visit {
+                    chain: i,
+                    check: !picks,
+                    gate,
+                });
             }
             visits
         };
@@ -200,7 +240,7 @@ impl Route {
         }
     }
 
-    fn chains(&self, key: &str) -> &[(usize, bool)] {
+    fn visits(&self, key: &str) -> &[Visit] {
         let same = |k: &str| {
             if self.caseless {
                 k.eq_ignore_ascii_case(key)
@@ -314,8 +354,8 @@ pub struct Engine {
     settings: Settings,
     /// The words rules need, and for each word the rules that need it.
     words: Option<(AhoCorasick, Vec<Vec<usize>>)>,
-    /// Per rule, its chain and its alternatives that need a word.
-    worded: Vec<(usize, Gates)>,
+    /// Per rule, its alternatives that need a word.
+    worded: Vec<Gates>,
     /// Whether values skip the chains none of whose rules they can match (off only in the
     /// test that proves skipping changes no report).
     gates: bool,
@@ -446,9 +486,7 @@ impl Engine {
                     regex: None,
                     phrases: None,
                     others: Vec::new(),
-                    plain: Gates::default(),
-                    worded: Gates::default(),
-                    always: false,
+                    members: Vec::new(),
                 });
                 members.push(Vec::new());
                 chains.len() - 1
@@ -500,22 +538,16 @@ impl Engine {
                 .map_err(|e| SettingsError(vec![format!("the rules' words: {e}")]))?;
             Some((ac, words.into_iter().map(|(_, r)| r).collect()))
         };
-        let mut worded: Vec<(usize, Gates)> = (0..rules.len())
-            .map(|_| (usize::MAX, Gates::default()))
-            .collect();
-        for (c, (chain, members)) in chains.iter_mut().zip(members).enumerate() {
-            chain.always = members.iter().any(|&i| needs[i].is_nothing());
-            for &i in &members {
-                for (clauses, needs_word) in needs[i].alternatives() {
-                    if needs_word {
-                        chain.worded.push(clauses);
-                        worded[i].0 = c;
-                        worded[i].1.push(clauses);
-                    } else {
-                        chain.plain.push(clauses);
-                    }
+        let mut worded: Vec<Gates> = (0..rules.len()).map(|_| Gates::default()).collect();
+        for (i, n) in needs.iter().enumerate() {
+            for (clauses, needs_word) in n.alternatives() {
+                if needs_word {
+                    worded[i].push(clauses);
                 }
             }
+        }
+        for (chain, members) in chains.iter_mut().zip(members) {
+            chain.members.clone_from(&members);
             let (mut pats, mut pat_rules) = (Vec::new(), Vec::new());
             let (mut phrases, mut phrase_rules, mut phrase_words) =
                 (Vec::new(), Vec::new(), Vec::new());
@@ -554,7 +586,7 @@ impl Engine {
         }
         let by_collection = Collection::ALL
             .iter()
-            .map(|&c| Route::new(c, &chains))
+            .map(|&c| Route::new(c, &chains, &rules, &needs))
             .collect();
         Ok(Engine {
             rules,
@@ -605,12 +637,12 @@ impl Engine {
             outs.reset();
             let raw = Mask::of(&v.bytes);
             let mut words = None;
-            for &(c, check) in self.by_collection[v.collection as usize].chains(&v.key) {
-                let chain = &self.chains[c];
-                if check && !chain.selectors.iter().any(|s| s.selects(v)) {
+            for visit in self.by_collection[v.collection as usize].visits(&v.key) {
+                let chain = &self.chains[visit.chain];
+                if visit.check && !chain.selectors.iter().any(|s| s.selects(v)) {
                     continue;
                 }
-                if self.gates && !self.may_match(c, raw, &v.bytes, &mut outs, &mut words) {
+                if self.gates && !self.may_match(visit, raw, &v.bytes, &mut outs, &mut words) {
                     continue;
                 }
                 let t = outs.get(chain.step, &v.bytes);
@@ -640,19 +672,19 @@ impl Engine {
         hits.report
     }
 
-    /// Whether a value of mask `raw` may match a rule of chain `c`: one whose byte clauses the
-    /// transformed value's mask meets and, when the value is judged by its words, one of whose
-    /// words it holds (`hits`, found on first use).
+    /// Whether a value of mask `raw` may match a rule of the chain it visits: one whose byte
+    /// clauses the transformed value's mask meets and, when the value is judged by its words,
+    /// one of whose words it holds (`hits`, found on first use).
     fn may_match(
         &self,
-        c: usize,
+        visit: &Visit,
         raw: Mask,
         value: &[u8],
         outs: &mut Outs<'_>,
         hits: &mut Option<Vec<usize>>,
     ) -> bool {
-        let chain = &self.chains[c];
-        if chain.always {
+        let (chain, gate) = (&self.chains[visit.chain], &visit.gate);
+        if gate.always {
             return true;
         }
         // The transformed value's bytes, and whether its words are all in the raw value. When
@@ -675,18 +707,16 @@ impl Engine {
             }
             (m, by_words)
         });
-        if chain.plain.met_by(m) {
+        if gate.plain.met_by(m) {
             return true;
         }
         if !by_words {
-            return chain.worded.met_by(m);
+            return gate.worded.met_by(m);
         }
         // Looked for once per value, and only here: the rules one of whose words it holds.
         let hits = hits.get_or_insert_with(|| self.find_words(value));
-        hits.iter().any(|&i| {
-            let (of, alternatives) = &self.worded[i];
-            *of == c && alternatives.met_by(m)
-        })
+        hits.iter()
+            .any(|i| gate.rules.binary_search(i).is_ok() && self.worded[*i].met_by(m))
     }
 
     /// The rules one of whose words `value` holds, in order.

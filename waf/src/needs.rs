@@ -283,7 +283,7 @@ const KEEP: usize = 4;
 /// Words kept per alternative: more, and it needs no word.
 const MAX_WORDS: usize = 512;
 /// The shortest word worth looking for.
-const MIN_WORD: usize = 2;
+const MIN_WORD: usize = 3;
 /// Alternatives kept per rule: more are merged into one.
 const MAX_BRANCHES: usize = 128;
 
@@ -404,7 +404,8 @@ impl Need {
         }
     }
 
-    /// Words shorter than [`MIN_WORD`] are in too many values to be worth looking for.
+    /// Words shorter than [`MIN_WORD`] (`or`, but not `0x`) are in too many values to be
+    /// worth looking for.
     fn finish(mut self) -> Need {
         if self
             .words
@@ -559,7 +560,7 @@ fn better(a: &[Vec<u8>], b: &[Vec<u8>]) -> bool {
 
 /// Whether a word is rare enough to look for.
 fn worth(w: &[u8]) -> bool {
-    w.len() >= MIN_WORD
+    w.len() >= MIN_WORD || (w.len() + 1 == MIN_WORD && w.iter().any(u8::is_ascii_digit))
 }
 
 fn is_word(b: u8) -> bool {

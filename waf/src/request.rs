@@ -370,65 +370,34 @@ impl<'a> Values<'a> {
         closed || truncated
     }
 
-    /// Every key and string (and number) of a JSON body, depth and count bounded.
+    /// Every key and string of a JSON body, depth and count bounded, taken as the document is
+    /// parsed (no tree is built; a string without escapes stays a slice of the body). A body
+    /// that is not JSON leaves no value of it.
     fn json(&mut self, body: &'a [u8], limits: &Limits, truncated: bool) -> bool {
-        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return truncated && self.push_body_raw(body);
-        };
+        let (start, over) = (self.list.len(), self.facts.values_over_limit);
         let mut path = String::from("body");
-        self.json_value(&doc, &mut path, 0, limits.max_json_depth);
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let walked = serde::de::DeserializeSeed::deserialize(
+            Walk {
+                out: self,
+                path: &mut path,
+                depth: 0,
+                max: limits.max_json_depth,
+            },
+            &mut de,
+        )
+        .and_then(|()| de.end());
+        if walked.is_err() {
+            self.list.truncate(start);
+            self.facts.values_over_limit = over;
+            return truncated && self.push_body_raw(body);
+        }
         true
     }
 
     fn push_body_raw(&mut self, body: &'a [u8]) -> bool {
         self.push(Collection::Body, Origin::Other, "", body);
         true
-    }
-
-    fn json_value(&mut self, v: &serde_json::Value, path: &mut String, depth: usize, max: usize) {
-        use serde_json::Value as J;
-        if depth > max {
-            self.facts.values_over_limit = true;
-            return;
-        }
-        let len = path.len();
-        match v {
-            J::Object(map) => {
-                for (k, v) in map {
-                    path.push('.');
-                    path.push_str(k);
-                    // The same key in every record of an array is inspected once.
-                    if self.json_keys.insert(k.clone()) {
-                        self.push_owned(
-                            Collection::ArgsNames,
-                            Origin::Json,
-                            Cow::Borrowed(""),
-                            k.as_bytes().to_vec(),
-                        );
-                    }
-                    self.json_value(v, path, depth + 1, max);
-                    path.truncate(len);
-                }
-            }
-            J::Array(items) => {
-                for (i, v) in items.iter().enumerate() {
-                    path.push('.');
-                    path.push_str(itoa::Buffer::new().format(i));
-                    self.json_value(v, path, depth + 1, max);
-                    path.truncate(len);
-                }
-            }
-            J::String(s) => {
-                self.push_owned(
-                    Collection::Args,
-                    Origin::Json,
-                    Cow::Owned(path.clone()),
-                    s.as_bytes().to_vec(),
-                );
-            }
-            // A number, a boolean or null carries no attack: only strings are inspected.
-            J::Number(_) | J::Bool(_) | J::Null => {}
-        }
     }
 }
 
@@ -475,6 +444,123 @@ fn disposition_param<'a>(line: &'a [u8], param: &[u8]) -> Option<Cow<'a, [u8]>> 
         return Some(Cow::Borrowed(v));
     }
     None
+}
+
+/// One JSON value walked as it is parsed: a string is an argument under its dotted path
+/// (`body.user.name`, `body.tags.0`), an object's key a name (once per request); numbers,
+/// booleans and null carry no attack and are skipped.
+struct Walk<'w, 'a> {
+    out: &'w mut Values<'a>,
+    path: &'w mut String,
+    depth: usize,
+    max: usize,
+}
+
+impl<'a> Walk<'_, 'a> {
+    fn string(self, s: Cow<'a, [u8]>) {
+        let key = Cow::Owned(self.path.clone());
+        self.out.push_cow(Collection::Args, Origin::Json, key, s);
+    }
+
+    fn inner(&mut self) -> Walk<'_, 'a> {
+        Walk {
+            out: self.out,
+            path: self.path,
+            depth: self.depth + 1,
+            max: self.max,
+        }
+    }
+}
+
+impl<'a> serde::de::DeserializeSeed<'a> for Walk<'_, 'a> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'a>>(self, d: D) -> Result<(), D::Error> {
+        if self.depth > self.max {
+            self.out.facts.values_over_limit = true;
+            return <serde::de::IgnoredAny as serde::Deserialize>::deserialize(d).map(|_| ());
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'a> serde::de::Visitor<'a> for Walk<'_, 'a> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'a str) -> Result<(), E> {
+        self.string(Cow::Borrowed(v.as_bytes()));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.string(Cow::Owned(v.as_bytes().to_vec()));
+        Ok(())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        self.string(Cow::Owned(v.into_bytes()));
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<S: serde::de::SeqAccess<'a>>(mut self, mut seq: S) -> Result<(), S::Error> {
+        let len = self.path.len();
+        let mut i = 0usize;
+        loop {
+            self.path.push('.');
+            self.path.push_str(itoa::Buffer::new().format(i));
+            let more = seq.next_element_seed(self.inner())?.is_some();
+            self.path.truncate(len);
+            if !more {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'a>>(mut self, mut map: M) -> Result<(), M::Error> {
+        let len = self.path.len();
+        while let Some(k) = map.next_key::<Cow<'a, str>>()? {
+            self.path.push('.');
+            self.path.push_str(&k);
+            // The same key in every record of an array is inspected once.
+            if !self.out.json_keys.contains(k.as_ref()) {
+                self.out.json_keys.insert(k.to_string());
+                let name = match k {
+                    Cow::Borrowed(k) => Cow::Borrowed(k.as_bytes()),
+                    Cow::Owned(k) => Cow::Owned(k.into_bytes()),
+                };
+                self.out
+                    .push_cow(Collection::ArgsNames, Origin::Json, Cow::Borrowed(""), name);
+            }
+            map.next_value_seed(self.inner())?;
+            self.path.truncate(len);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

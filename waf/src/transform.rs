@@ -211,58 +211,75 @@ const ENTITIES: &[(&[u8], u8)] = &[
     (b"rbrace", b'}'),
 ];
 
-fn html_entity_decode(input: &[u8]) -> Cow<'_, [u8]> {
-    if !input.contains(&b'&') {
-        return Cow::Borrowed(input);
+/// The entity at `rest` (what follows a `&`): the code point it stands for and the bytes it
+/// takes after the `&` (with its `;`, if any).
+fn entity(rest: &[u8]) -> Option<(u32, usize)> {
+    if let Some(num) = rest.strip_prefix(b"#") {
+        let (digits, radix_hex) = match num.first() {
+            Some(b'x' | b'X') => (&num[1..], true),
+            _ => (num, false),
+        };
+        let n = digits
+            .iter()
+            .take(8)
+            .take_while(|b| {
+                if radix_hex {
+                    b.is_ascii_hexdigit()
+                } else {
+                    b.is_ascii_digit()
+                }
+            })
+            .count();
+        if n == 0 {
+            return None;
+        }
+        let text = &digits[..n];
+        let cp = if radix_hex {
+            hex_run(text)
+        } else {
+            std::str::from_utf8(text).ok().and_then(|s| s.parse().ok())
+        }?;
+        let used = 1 + usize::from(radix_hex) + n;
+        return Some((cp, used + usize::from(digits.get(n) == Some(&b';'))));
     }
+    let (name, b) = ENTITIES.iter().find(|(name, _)| {
+        rest.len() >= name.len() && rest[..name.len()].eq_ignore_ascii_case(name)
+    })?;
+    Some((
+        u32::from(*b),
+        name.len() + usize::from(rest.get(name.len()) == Some(&b';')),
+    ))
+}
+
+fn html_entity_decode(input: &[u8]) -> Cow<'_, [u8]> {
+    // A `&` that starts no entity (a query string's separator) leaves the value as it is.
+    let Some(first) = memchr::memchr_iter(b'&', input).find(|&i| entity(&input[i + 1..]).is_some())
+    else {
+        return Cow::Borrowed(input);
+    };
     let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
+    out.extend_from_slice(&input[..first]);
+    let mut i = first;
     while i < input.len() {
         if input[i] != b'&' {
             out.push(input[i]);
             i += 1;
             continue;
         }
-        let rest = &input[i + 1..];
-        if let Some(num) = rest.strip_prefix(b"#") {
-            let (digits, radix_hex) = match num.first() {
-                Some(b'x' | b'X') => (&num[1..], true),
-                _ => (num, false),
-            };
-            let n = digits
-                .iter()
-                .take(8)
-                .take_while(|b| {
-                    if radix_hex {
-                        b.is_ascii_hexdigit()
-                    } else {
-                        b.is_ascii_digit()
-                    }
-                })
-                .count();
-            if n > 0 {
-                let text = &digits[..n];
-                let cp = if radix_hex {
-                    hex_run(text)
+        match entity(&input[i + 1..]) {
+            Some((cp, used)) => {
+                if cp < 0x80 {
+                    out.push(cp as u8);
                 } else {
-                    std::str::from_utf8(text).ok().and_then(|s| s.parse().ok())
-                };
-                if let Some(cp) = cp {
                     push_code_point(&mut out, cp);
-                    let used = 1 + usize::from(radix_hex) + n;
-                    i += 1 + used + usize::from(digits.get(n) == Some(&b';'));
-                    continue;
                 }
+                i += 1 + used;
             }
-        } else if let Some((name, b)) = ENTITIES.iter().find(|(name, _)| {
-            rest.len() >= name.len() && rest[..name.len()].eq_ignore_ascii_case(name)
-        }) {
-            out.push(*b);
-            i += 1 + name.len() + usize::from(rest.get(name.len()) == Some(&b';'));
-            continue;
+            None => {
+                out.push(b'&');
+                i += 1;
+            }
         }
-        out.push(b'&');
-        i += 1;
     }
     Cow::Owned(out)
 }
