@@ -490,8 +490,9 @@ fn base64_decode(input: &[u8]) -> Cow<'_, [u8]> {
     let trimmed = input.trim_ascii();
     let alphabet =
         |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'=');
-    // Prose, paths and most values hold a byte no base64 alphabet has: no decoder runs.
-    if trimmed.len() < 4 || !trimmed.iter().all(alphabet) {
+    // Prose, paths and most values hold a byte no base64 alphabet has, and no base64 text is
+    // one byte past a multiple of four: no decoder runs.
+    if trimmed.len() < 4 || trimmed.len() % 4 == 1 || !trimmed.iter().all(alphabet) {
         return Cow::Borrowed(input);
     }
     let engines = [
