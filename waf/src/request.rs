@@ -446,6 +446,37 @@ fn disposition_param<'a>(line: &'a [u8], param: &[u8]) -> Option<Cow<'a, [u8]>> 
     None
 }
 
+/// A JSON object's key, a slice of the body unless it holds an escape.
+struct Key;
+
+impl<'a> serde::de::DeserializeSeed<'a> for Key {
+    type Value = Cow<'a, str>;
+
+    fn deserialize<D: serde::Deserializer<'a>>(self, d: D) -> Result<Cow<'a, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'a> serde::de::Visitor<'a> for Key {
+    type Value = Cow<'a, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'a str) -> Result<Cow<'a, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'a, str>, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Cow<'a, str>, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
 /// One JSON value walked as it is parsed: a string is an argument under its dotted path
 /// (`body.user.name`, `body.tags.0`), an object's key a name (once per request); numbers,
 /// booleans and null carry no attack and are skipped.
@@ -543,7 +574,7 @@ impl<'a> serde::de::Visitor<'a> for Walk<'_, 'a> {
 
     fn visit_map<M: serde::de::MapAccess<'a>>(mut self, mut map: M) -> Result<(), M::Error> {
         let len = self.path.len();
-        while let Some(k) = map.next_key::<Cow<'a, str>>()? {
+        while let Some(k) = map.next_key_seed(Key)? {
             self.path.push('.');
             self.path.push_str(&k);
             // The same key in every record of an array is inspected once.

@@ -66,22 +66,10 @@ impl Transform {
                 }
             }
             Transform::CompressWhitespace => compress_whitespace(input),
-            Transform::RemoveWhitespace => {
-                if input.iter().any(|&b| is_space(b)) {
-                    Cow::Owned(input.iter().copied().filter(|&b| !is_space(b)).collect())
-                } else {
-                    Cow::Borrowed(input)
-                }
-            }
+            Transform::RemoveWhitespace => without(input, is_space),
             Transform::RemoveComments => remove_comments(input),
             Transform::NormalizePath => normalize_path(input),
-            Transform::RemoveNulls => {
-                if input.contains(&0) {
-                    Cow::Owned(input.iter().copied().filter(|&b| b != 0).collect())
-                } else {
-                    Cow::Borrowed(input)
-                }
-            }
+            Transform::RemoveNulls => without(input, |b| b == 0),
             Transform::CmdLine => cmd_line(input),
             Transform::Base64Decode => base64_decode(input),
             Transform::Trim => Cow::Borrowed(input.trim_ascii()),
@@ -99,6 +87,17 @@ pub fn apply_chain<'a>(chain: &[Transform], input: &'a [u8]) -> Cow<'a, [u8]> {
         };
     }
     value
+}
+
+/// `input` without the bytes `drop` picks (copied once, into a buffer of its size).
+fn without(input: &[u8], drop: impl Fn(u8) -> bool) -> Cow<'_, [u8]> {
+    let Some(first) = input.iter().position(|&b| drop(b)) else {
+        return Cow::Borrowed(input);
+    };
+    let mut out = Vec::with_capacity(input.len());
+    out.extend_from_slice(&input[..first]);
+    out.extend(input[first..].iter().copied().filter(|&b| !drop(b)));
+    Cow::Owned(out)
 }
 
 fn is_space(b: u8) -> bool {
