@@ -1040,41 +1040,28 @@ mod tests {
         }
     }
 
-    /// An owned request: method, target, headers, body.
-    struct Case {
-        method: String,
-        uri: String,
+    /// A request from its parts, as the edge hands it over (path decoded and normalised).
+    fn owned(
+        method: &str,
+        uri: &str,
         headers: Vec<(String, Vec<u8>)>,
         body: Vec<u8>,
-    }
-
-    impl Case {
-        fn request(&self) -> (String, Request<'_>) {
-            let (path, query) = self.uri.split_once('?').unwrap_or((&self.uri, ""));
-            let path = crate::raw::decode_path(path.as_bytes());
-            (
-                path,
-                Request {
-                    method: &self.method,
-                    path: "",
-                    uri: self.uri.as_bytes(),
-                    query: query.as_bytes(),
-                    headers: self
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.as_str(), v.as_slice()))
-                        .collect(),
-                    body: &self.body,
-                    body_truncated: false,
-                    client_ip: Some("192.0.2.7".parse().expect("ip")),
-                },
-            )
+    ) -> crate::raw::OwnedRequest {
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+        crate::raw::OwnedRequest {
+            method: method.into(),
+            uri: uri.as_bytes().to_vec(),
+            path: crate::raw::decode_path(path.as_bytes()),
+            query: query.as_bytes().to_vec(),
+            headers,
+            body,
+            client_ip: Some("192.0.2.7".parse().expect("ip")),
         }
     }
 
     /// Every rule's own tests in each place a value can be, the regression corpus, and the
     /// CRS cases (when `../shared` is there).
-    fn cases() -> Vec<Case> {
+    fn cases() -> Vec<crate::raw::OwnedRequest> {
         let pack = Pack::embedded().expect("pack");
         let mut cases = Vec::new();
         let header = |n: &str, v: &[u8]| (n.to_string(), v.to_vec());
@@ -1085,16 +1072,13 @@ mod tests {
                         .to_string();
                 let json = serde_json::json!({ "q": s, "list": [s] }).to_string();
                 let base = vec![header("Host", b"h"), header("User-Agent", s.as_bytes())];
-                cases.push(Case {
-                    method: "GET".into(),
-                    uri: format!("/search?q={q}&{q}=1"),
-                    headers: [
-                        base.clone(),
-                        vec![header("Cookie", format!("c={s}").as_bytes())],
-                    ]
-                    .concat(),
-                    body: Vec::new(),
-                });
+                let cookie = header("Cookie", format!("c={s}").as_bytes());
+                cases.push(owned(
+                    "GET",
+                    &format!("/search?q={q}&{q}=1"),
+                    [base.clone(), vec![cookie]].concat(),
+                    Vec::new(),
+                ));
                 for (ctype, body) in [
                     ("application/json", json.into_bytes()),
                     (
@@ -1103,13 +1087,12 @@ mod tests {
                     ),
                     ("text/plain", s.as_bytes().to_vec()),
                 ] {
-                    cases.push(Case {
-                        method: "POST".into(),
-                        uri: "/api/items".into(),
-                        headers: [base.clone(), vec![header("Content-Type", ctype.as_bytes())]]
-                            .concat(),
+                    cases.push(owned(
+                        "POST",
+                        "/api/items",
+                        [base.clone(), vec![header("Content-Type", ctype.as_bytes())]].concat(),
                         body,
-                    });
+                    ));
                 }
             }
         }
@@ -1119,14 +1102,7 @@ mod tests {
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 let v: serde_json::Value = serde_json::from_str(line).expect("json");
                 let raw = v["raw"].as_str().unwrap_or("");
-                if let Ok(r) = crate::raw::parse(raw.as_bytes()) {
-                    cases.push(Case {
-                        method: r.method,
-                        uri: String::from_utf8_lossy(&r.uri).into_owned(),
-                        headers: r.headers,
-                        body: r.body,
-                    });
-                }
+                cases.extend(crate::raw::parse(raw.as_bytes()));
             }
         }
         let crs = root.join("../../shared/corpora/crs/crs_cases.jsonl");
@@ -1135,17 +1111,18 @@ mod tests {
                 continue;
             };
             let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
-            cases.push(Case {
-                method: s("method"),
-                uri: s("uri"),
-                headers: v["headers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|h| Some(header(h[0].as_str()?, h[1].as_str()?.as_bytes())))
-                    .collect(),
-                body: s("data").into_bytes(),
-            });
+            let headers = v["headers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|h| Some(header(h[0].as_str()?, h[1].as_str()?.as_bytes())))
+                .collect();
+            cases.push(owned(
+                &s("method"),
+                &s("uri"),
+                headers,
+                s("data").into_bytes(),
+            ));
         }
         cases
     }
@@ -1165,10 +1142,9 @@ mod tests {
             full.gates = false;
             let mut matched = 0;
             for case in &cases {
-                let (path, mut req) = case.request();
-                req.path = &path;
+                let req = case.as_request();
                 let (a, b) = (gated.inspect(&req), full.inspect(&req));
-                assert_eq!(a, b, "PL{paranoia} {} {}", case.method, case.uri);
+                assert_eq!(a, b, "PL{paranoia} {} {}", case.method, case.path);
                 matched += usize::from(!a.matches.is_empty());
             }
             // The cases exercise the rules: most of them match something.
