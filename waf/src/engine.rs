@@ -710,8 +710,12 @@ impl Engine {
         if gate.plain.met_by(m) {
             return true;
         }
+        // An alternative that needs a word needs its bytes too: without them, no word search.
+        if !gate.worded.met_by(m) {
+            return false;
+        }
         if !by_words {
-            return gate.worded.met_by(m);
+            return true;
         }
         // Looked for once per value, and only here: the rules one of whose words it holds.
         let hits = hits.get_or_insert_with(|| self.find_words(value));
