@@ -1,6 +1,7 @@
 //! The WAF's inspection cost per request: the embedded pack compiled at paranoia 1 and 2, then
 //! one `Engine::inspect` per iteration on a typical benign API request (a GET with three
-//! arguments; a POST with a 2 KiB and with a 16 KiB JSON body) and on attacks (SQL injection
+//! arguments, with a browser's headers and with the two the load script's client sends; a POST
+//! with a 2 KiB and with a 16 KiB JSON body) and on attacks (SQL injection
 //! in a query argument, XSS in a JSON field). The headers are those a browser or an API client
 //! sends; every benign case must pass and every attack must be refused, or the bench stops.
 //! `cargo bench -p vigil-waf --bench inspect`.
@@ -81,12 +82,21 @@ fn inspect(c: &mut Criterion) {
     let (small_len, large_len) = (small.len().to_string(), large.len().to_string());
     let xss = r#"{"title":"Notes","content":"<script>alert(document.cookie)</script>"}"#;
     let xss_len = xss.len().to_string();
-    let cases: [(&str, waf::Request<'_>, bool); 5] = [
+    // The GET bench/callgrind.sh's S4 sends: Python's http.client, two headers.
+    let bare = waf::Request {
+        headers: vec![
+            ("host", b"127.0.0.1:8080"),
+            ("accept-encoding", b"identity"),
+        ],
+        ..get("/waf/items?page=2&limit=20&sort=name")
+    };
+    let cases: [(&str, waf::Request<'_>, bool); 6] = [
         (
             "get_3_args",
             get("/api/items?page=2&limit=20&sort=name"),
             false,
         ),
+        ("get_bare", bare, false),
         (
             "post_json_2k",
             post("/api/items", &small, &small_len),

@@ -273,20 +273,24 @@ enum Out {
 /// The steps' outputs for one value, computed on demand, each at most once.
 struct Outs<'s> {
     steps: &'s [Step],
-    outs: Vec<Option<Out>>,
+    /// Per step, the value (by number) it was computed for, and its output then.
+    outs: Vec<(u32, Out)>,
+    /// The current value's number: an output of another is stale.
+    current: u32,
 }
 
 impl<'s> Outs<'s> {
     fn new(steps: &'s [Step]) -> Self {
         Outs {
             steps,
-            outs: Vec::with_capacity(steps.len()),
+            outs: steps.iter().map(|_| (0, Out::Same)).collect(),
+            current: 0,
         }
     }
 
+    /// On to the next value: every output is stale at once.
     fn reset(&mut self) {
-        self.outs.clear();
-        self.outs.resize_with(self.steps.len(), || None);
+        self.current += 1;
     }
 
     /// The bytes step `at` (or the value itself, for `None`) gives.
@@ -297,7 +301,7 @@ impl<'s> Outs<'s> {
     }
 
     fn fill(&mut self, at: usize, value: &[u8]) {
-        if self.outs[at].is_some() {
+        if self.outs[at].0 == self.current {
             return;
         }
         let step = self.steps[at];
@@ -309,15 +313,15 @@ impl<'s> Outs<'s> {
             std::borrow::Cow::Borrowed(_) => Out::Same,
             std::borrow::Cow::Owned(v) => Out::New(v),
         };
-        self.outs[at] = Some(out);
+        self.outs[at] = (self.current, out);
     }
 
     /// What step `at` wrote, if it changed its input.
     fn changed<'v>(&'v mut self, at: usize, value: &[u8]) -> Option<&'v [u8]> {
         self.fill(at, value);
-        match &self.outs[at] {
-            Some(Out::New(v)) => Some(v),
-            _ => None,
+        match &self.outs[at].1 {
+            Out::New(v) => Some(v),
+            Out::Same => None,
         }
     }
 
@@ -328,10 +332,11 @@ impl<'s> Outs<'s> {
         }
     }
 
+    /// The bytes step `at` gives, once it and its parents are filled for the current value.
     fn resolve<'v>(&'v self, mut at: usize, value: &'v [u8]) -> &'v [u8] {
         loop {
             match &self.outs[at] {
-                Some(Out::New(v)) => return v,
+                (n, Out::New(v)) if *n == self.current => return v,
                 _ => match self.steps[at].parent {
                     Some(p) => at = p,
                     None => return value,
@@ -728,8 +733,12 @@ impl Engine {
         let Some((ac, rules)) = &self.words else {
             return Vec::new();
         };
-        let mut seen = vec![0u64; self.rules.len().div_ceil(64)];
+        // Most values hold no word: the set is made at the first.
+        let mut seen = Vec::new();
         for m in ac.find_overlapping_iter(value) {
+            if seen.is_empty() {
+                seen.resize(self.rules.len().div_ceil(64), 0u64);
+            }
             for &i in &rules[m.pattern().as_usize()] {
                 seen[i / 64] |= 1 << (i % 64);
             }

@@ -156,7 +156,11 @@ pub struct Facts {
 /// cookies, body, files.
 pub fn values<'a>(req: &Request<'a>, limits: &Limits) -> (Vec<Value<'a>>, Facts) {
     let mut out = Values {
-        list: Vec::with_capacity(8 + req.headers.len() * 2),
+        // Method, path, URI, query, remote address; a name and a value per header and per
+        // query argument (the body's values come on top).
+        list: Vec::with_capacity(
+            5 + req.headers.len() * 2 + (memchr::memchr_iter(b'&', req.query).count() + 1) * 2,
+        ),
         facts: Facts::default(),
         max: limits.max_values,
         json_keys: std::collections::HashSet::new(),

@@ -241,8 +241,11 @@ fn entity(rest: &[u8]) -> Option<(u32, usize)> {
         let used = 1 + usize::from(radix_hex) + n;
         return Some((cp, used + usize::from(digits.get(n) == Some(&b';'))));
     }
+    let first = rest.first()?.to_ascii_lowercase();
     let (name, b) = ENTITIES.iter().find(|(name, _)| {
-        rest.len() >= name.len() && rest[..name.len()].eq_ignore_ascii_case(name)
+        name[0] == first
+            && rest.len() >= name.len()
+            && rest[..name.len()].eq_ignore_ascii_case(name)
     })?;
     Some((
         u32::from(*b),
