@@ -12,7 +12,7 @@ use regex::bytes::{RegexSet, RegexSetBuilder};
 use serde::Deserialize;
 
 use crate::needs::{Mask, Needs, Passage};
-use crate::request::{self, Collection, Facts, Request, Value};
+use crate::request::{self, Collection, Collections, Facts, Request, Value};
 use crate::rules::{Category, Check, Detector, Operator, Pack, Rule, Selector};
 use crate::transform::Transform;
 
@@ -353,6 +353,8 @@ pub struct Engine {
     chains: Vec<Chain>,
     /// Per collection (`Collection as usize`), the chains each of its values visits.
     by_collection: Vec<Route>,
+    /// The collections some chain reads (the others' values are not taken out).
+    reads: Collections,
     steps: Vec<Step>,
     checks: Vec<usize>,
     excepts: Vec<Except>,
@@ -589,14 +591,21 @@ impl Engine {
                 chain.phrases = Some((ac, phrase_rules, phrase_words));
             }
         }
-        let by_collection = Collection::ALL
+        let by_collection: Vec<Route> = Collection::ALL
             .iter()
             .map(|&c| Route::new(c, &chains, &rules, &needs))
             .collect();
+        let mut reads = Collections::default();
+        for (&c, route) in Collection::ALL.iter().zip(&by_collection) {
+            if !route.any.is_empty() || !route.keys.is_empty() {
+                reads.insert(c);
+            }
+        }
         Ok(Engine {
             rules,
             chains,
             by_collection,
+            reads,
             steps,
             checks,
             excepts,
@@ -619,7 +628,7 @@ impl Engine {
 
     /// Inspects `req`.
     pub fn inspect(&self, req: &Request<'_>) -> Report {
-        let (values, facts) = request::values(req, &self.settings.limits);
+        let (values, facts) = request::values(req, &self.settings.limits, self.reads);
         let mut hits = Hits {
             done: vec![false; self.rules.len()],
             report: Report {

@@ -109,6 +109,11 @@ impl Collection {
 pub struct Collections(u16);
 
 impl Collections {
+    /// Every collection.
+    pub fn all() -> Collections {
+        Collections(u16::MAX)
+    }
+
     pub fn insert(&mut self, c: Collection) {
         self.0 |= c.bit();
     }
@@ -152,10 +157,15 @@ pub struct Facts {
     pub values_over_limit: bool,
 }
 
-/// The request's values, in a fixed order: method, path, uri, query, arguments, headers,
-/// cookies, body, files.
-pub fn values<'a>(req: &Request<'a>, limits: &Limits) -> (Vec<Value<'a>>, Facts) {
+/// The request's values of the collections in `reads`, in a fixed order: method, path, uri,
+/// query, arguments, headers, cookies, body, files.
+pub fn values<'a>(
+    req: &Request<'a>,
+    limits: &Limits,
+    reads: Collections,
+) -> (Vec<Value<'a>>, Facts) {
     let mut out = Values {
+        reads,
         // Method, path, URI, query, remote address; a name and a value per header and per
         // query argument (the body's values come on top).
         list: Vec::with_capacity(
@@ -180,7 +190,10 @@ pub fn values<'a>(req: &Request<'a>, limits: &Limits) -> (Vec<Value<'a>>, Facts)
             out.cookies(value);
         }
     }
-    if let Some(ip) = req.client_ip {
+    if let Some(ip) = req
+        .client_ip
+        .filter(|_| reads.contains(Collection::RemoteAddr))
+    {
         out.push_owned(
             Collection::RemoteAddr,
             Origin::Other,
@@ -195,6 +208,8 @@ pub fn values<'a>(req: &Request<'a>, limits: &Limits) -> (Vec<Value<'a>>, Facts)
 }
 
 struct Values<'a> {
+    /// The collections some rule reads: values of others are not kept.
+    reads: Collections,
     list: Vec<Value<'a>>,
     facts: Facts,
     max: usize,
@@ -224,6 +239,9 @@ impl<'a> Values<'a> {
         key: Cow<'a, str>,
         bytes: Cow<'a, [u8]>,
     ) {
+        if !self.reads.contains(collection) {
+            return;
+        }
         if self.list.len() >= self.max {
             self.facts.values_over_limit = true;
             return;
@@ -603,7 +621,7 @@ mod tests {
     use super::*;
 
     fn keys(req: &Request<'_>) -> Vec<String> {
-        let (vals, _) = values(req, &Limits::default());
+        let (vals, _) = values(req, &Limits::default(), Collections::all());
         vals.iter()
             .map(|v| {
                 format!(
@@ -660,7 +678,7 @@ mod tests {
             body: b"{not json' or 1=1",
             ..Default::default()
         };
-        let (vals, facts) = values(&req, &Limits::default());
+        let (vals, facts) = values(&req, &Limits::default(), Collections::all());
         assert!(facts.body_unparsed);
         assert!(vals.iter().any(|v| v.collection == Collection::Body));
     }
@@ -673,7 +691,7 @@ mod tests {
             query: q.as_bytes(),
             ..Default::default()
         };
-        let (vals, facts) = values(&req, &Limits::default());
+        let (vals, facts) = values(&req, &Limits::default(), Collections::all());
         assert!(vals.len() <= Limits::default().max_values);
         assert!(facts.values_over_limit);
         assert_eq!(facts.args, 5000);
