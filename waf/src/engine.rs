@@ -120,6 +120,20 @@ struct Gate {
     plain: Gates,
     worded: Gates,
     rules: Vec<usize>,
+    /// The gate's answer, worked out once, for a value of each [`Mask::SIMPLE`] mask.
+    simple: [Known; 2],
+}
+
+/// A gate's answer for a kind of value, known before any value comes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Known {
+    /// Not known: the chain's decoders may have something to decode.
+    #[default]
+    Ask,
+    Skip,
+    Run,
+    /// Run if the value holds one of the words.
+    Words,
 }
 
 /// Alternatives of rules: byte clauses each, and the union of their first clauses (a mask that
@@ -225,6 +239,21 @@ impl Route {
                     }
                 }
                 gate.rules.dedup();
+                for (known, &m) in gate.simple.iter_mut().zip(&Mask::SIMPLE) {
+                    *known = match chain.passage.quick(m) {
+                        None => Known::Ask,
+                        Some(_) if gate.always => Known::Run,
+                        Some((m, by_words)) => {
+                            if gate.plain.met_by(m) || (!by_words && gate.worded.met_by(m)) {
+                                Known::Run
+                            } else if gate.worded.met_by(m) {
+                                Known::Words
+                            } else {
+                                Known::Skip
+                            }
+                        }
+                    };
+                }
                 visits.push(Visit {
                     chain: i,
                     check: !picks,
@@ -701,6 +730,14 @@ impl Engine {
         if gate.always {
             return true;
         }
+        if let Some(k) = raw.simple() {
+            match gate.simple[k] {
+                Known::Skip => return false,
+                Known::Run => return true,
+                Known::Words => return self.holds_word(gate, raw, value, hits),
+                Known::Ask => {}
+            }
+        }
         // The transformed value's bytes, and whether its words are all in the raw value. When
         // a decoder's escape is there, the decoder runs (its output is shared with the chain
         // that follows): what it wrote, if anything, is then known exactly.
@@ -731,7 +768,18 @@ impl Engine {
         if !by_words {
             return true;
         }
-        // Looked for once per value, and only here: the rules one of whose words it holds.
+        self.holds_word(gate, m, value, hits)
+    }
+
+    /// Whether `value` (of transformed mask `m`) holds a word of a rule of `gate`, with that
+    /// rule's bytes. The words are looked for once per value (`hits`), and only here.
+    fn holds_word(
+        &self,
+        gate: &Gate,
+        m: Mask,
+        value: &[u8],
+        hits: &mut Option<Vec<usize>>,
+    ) -> bool {
         let hits = hits.get_or_insert_with(|| self.find_words(value));
         hits.iter()
             .any(|i| gate.rules.binary_search(i).is_ok() && self.worded[*i].met_by(m))

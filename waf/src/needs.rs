@@ -96,6 +96,13 @@ fn weight(bit: u64) -> u32 {
 impl Mask {
     /// Every byte: what a decoder may produce.
     pub const ALL: Mask = Mask(u64::MAX);
+    /// The masks of most names, ids and words: letters only, and letters with digits.
+    pub const SIMPLE: [Mask; 2] = [Mask(0), Mask(DIGIT)];
+
+    /// Which of [`Mask::SIMPLE`] this is, if one.
+    pub fn simple(self) -> Option<usize> {
+        Mask::SIMPLE.iter().position(|&m| m == self)
+    }
 
     /// The significant bytes of `value`.
     pub fn of(value: &[u8]) -> Mask {

@@ -263,7 +263,13 @@ impl<'a> Values<'a> {
                 None => (pair, &b""[..]),
             };
             let name = form_decode(name);
-            let key: Cow<'a, str> = Cow::Owned(String::from_utf8_lossy(&name).into_owned());
+            let key: Cow<'a, str> = match &name {
+                Cow::Borrowed(b) => match std::str::from_utf8(b) {
+                    Ok(k) => Cow::Borrowed(k),
+                    Err(_) => Cow::Owned(String::from_utf8_lossy(b).into_owned()),
+                },
+                Cow::Owned(v) => Cow::Owned(String::from_utf8_lossy(v).into_owned()),
+            };
             self.push_cow(Collection::ArgsNames, origin, Cow::Borrowed(""), name);
             self.push_cow(Collection::Args, origin, key, form_decode(value));
         }

@@ -183,32 +183,29 @@ fn url_decode(input: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(value)
 }
 
-const ENTITIES: &[(&[u8], u8)] = &[
-    (b"lt", b'<'),
-    (b"gt", b'>'),
-    (b"amp", b'&'),
-    (b"quot", b'"'),
-    (b"apos", b'\''),
-    (b"nbsp", b' '),
-    (b"colon", b':'),
-    (b"lpar", b'('),
-    (b"rpar", b')'),
-    (b"sol", b'/'),
-    (b"bsol", b'\\'),
-    (b"tab", b'\t'),
-    (b"newline", b'\n'),
-    (b"grave", b'`'),
-    (b"semi", b';'),
-    (b"equals", b'='),
-    (b"comma", b','),
-    (b"period", b'.'),
-    (b"excl", b'!'),
-    (b"num", b'#'),
-    (b"lsqb", b'['),
-    (b"rsqb", b']'),
-    (b"lbrace", b'{'),
-    (b"rbrace", b'}'),
-];
+/// The named entities (lower case) that start with `first`, and the byte each stands for.
+fn named(first: u8) -> &'static [(&'static [u8], u8)] {
+    match first {
+        b'a' => &[(b"amp", b'&'), (b"apos", b'\'')],
+        b'b' => &[(b"bsol", b'\\')],
+        b'c' => &[(b"colon", b':'), (b"comma", b',')],
+        b'e' => &[(b"equals", b'='), (b"excl", b'!')],
+        b'g' => &[(b"gt", b'>'), (b"grave", b'`')],
+        b'l' => &[
+            (b"lt", b'<'),
+            (b"lpar", b'('),
+            (b"lsqb", b'['),
+            (b"lbrace", b'{'),
+        ],
+        b'n' => &[(b"nbsp", b' '), (b"newline", b'\n'), (b"num", b'#')],
+        b'p' => &[(b"period", b'.')],
+        b'q' => &[(b"quot", b'"')],
+        b'r' => &[(b"rpar", b')'), (b"rsqb", b']'), (b"rbrace", b'}')],
+        b's' => &[(b"sol", b'/'), (b"semi", b';')],
+        b't' => &[(b"tab", b'\t')],
+        _ => &[],
+    }
+}
 
 /// The entity at `rest` (what follows a `&`): the code point it stands for and the bytes it
 /// takes after the `&` (with its `;`, if any).
@@ -241,12 +238,11 @@ fn entity(rest: &[u8]) -> Option<(u32, usize)> {
         let used = 1 + usize::from(radix_hex) + n;
         return Some((cp, used + usize::from(digits.get(n) == Some(&b';'))));
     }
-    let first = rest.first()?.to_ascii_lowercase();
-    let (name, b) = ENTITIES.iter().find(|(name, _)| {
-        name[0] == first
-            && rest.len() >= name.len()
-            && rest[..name.len()].eq_ignore_ascii_case(name)
-    })?;
+    let (name, b) = named(rest.first()?.to_ascii_lowercase())
+        .iter()
+        .find(|(name, _)| {
+            rest.len() >= name.len() && rest[..name.len()].eq_ignore_ascii_case(name)
+        })?;
     Some((
         u32::from(*b),
         name.len() + usize::from(rest.get(name.len()) == Some(&b';')),
