@@ -1,9 +1,10 @@
 //! What a value must hold for a rule to match it, decided before any rule runs. A value's
 //! [`Mask`] is the set of significant bytes in it (ASCII punctuation, white space, controls,
-//! "a digit" and "non-ASCII"; letters never count). A rule's [`Needs`] are read off its pattern:
-//! clauses of bytes, each of which a match must hold one of (`'\s*or\s+1=1` needs `'` and `=`).
-//! A value whose mask misses a clause cannot match, so the engine skips the rule, and a chain
-//! none of whose rules can match is skipped with its transformations. Benign values (prose,
+//! "a digit" and "non-ASCII"; letters never count). A rule's [`Needs`] are read off its pattern,
+//! per alternative: clauses of bytes, each of which a match must hold one of (`'\s*or\s+1=1`
+//! needs `'` and `=`), and maybe a word (`union`). A value that misses every alternative cannot
+//! match, so the engine skips the rule, and a chain none of whose rules can match is skipped
+//! with its transformations. Benign values (prose,
 //! names, e-mail addresses) hold few significant bytes, so most of the pack never runs on them.
 //!
 //! The analysis only ever drops clauses (a weaker condition), never invents one: a rule is
@@ -31,7 +32,7 @@ const CONTROL: u64 = 1 << 37;
 const NON_ASCII: u64 = 1 << 38;
 const DIGIT: u64 = 1 << 39;
 
-/// Each byte's bit (0 for letters and digits).
+/// Each byte's bit (0 for letters).
 const BIT: [u64; 256] = {
     let mut t = [0u64; 256];
     let mut b = 0usize;
@@ -272,8 +273,8 @@ impl Passage {
     }
 }
 
-/// What a rule needs of a value: one of its alternatives (the branches of a pattern's
-/// top-level `|`, each judged alone). None: any value may match.
+/// What a rule needs of a value: one of its alternatives (its pattern's `|`s multiplied out).
+/// One that needs nothing: any value may match.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Needs(Vec<Need>);
 
@@ -291,7 +292,7 @@ const KEEP: usize = 4;
 const MAX_WORDS: usize = 512;
 /// The shortest word worth looking for.
 const MIN_WORD: usize = 3;
-/// Alternatives kept per rule: more are merged into one.
+/// Alternatives kept per rule: more are merged, neighbours together.
 const MAX_BRANCHES: usize = 128;
 
 impl Default for Needs {
@@ -364,8 +365,8 @@ impl Needs {
         }])
     }
 
-    /// `self`, and one byte of `bytes` too (a rule's `needs_any_of`). A letter or digit in the
-    /// list makes the clause one the mask cannot tell: it is left out.
+    /// `self`, and one byte of `bytes` too (a rule's `needs_any_of`). A letter in the list makes
+    /// the clause one the mask cannot tell: it is left out.
     pub fn and_any_of(mut self, bytes: &[u8]) -> Needs {
         if !bytes.iter().any(u8::is_ascii_alphabetic) {
             let m = bytes.iter().fold(0, |m, &b| m | BIT[b as usize]);
@@ -503,8 +504,8 @@ fn walk(hir: &Hir) -> Vec<Need> {
     }
 }
 
-/// At most [`MAX_BRANCHES`] alternatives: more merge into one. One that needs nothing stands
-/// for all.
+/// At most [`MAX_BRANCHES`] alternatives: more merge, neighbours together. One that needs
+/// nothing stands for all.
 fn bounded(alts: Vec<Need>) -> Vec<Need> {
     if alts.iter().any(|a| a.clone().finish().is_nothing()) {
         return vec![Need::default()];
@@ -595,7 +596,7 @@ fn literal(bytes: &[u8]) -> Need {
     }
 }
 
-/// A class needs one of its bytes, unless it takes a letter or a digit.
+/// A class needs one of its bytes, unless it takes a letter.
 fn class(ranges: &[(u32, u32)]) -> Vec<Mask> {
     let mut m = 0;
     for &(lo, hi) in ranges {
