@@ -113,9 +113,11 @@ struct Chain {
 /// What a value needs for some rule of a chain that reads it to match it (see [`Needs`]):
 /// the rules' alternatives that need no word, and those that do (checked by their bytes alone
 /// when a value is not judged by its words), and the rules that need words, in order.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Gate {
-    /// Some rule needs nothing: every such value runs the chain.
+    /// The fewest bytes of a value some rule may match: a shorter one skips the chain.
+    shortest: usize,
+    /// Some rule needs nothing but length: every such value runs the chain.
     always: bool,
     plain: Gates,
     worded: Gates,
@@ -138,7 +140,7 @@ enum Known {
 
 /// Alternatives of rules: byte clauses each, and the union of their first clauses (a mask that
 /// misses it meets none); `open` when one has no clause (every mask meets it).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Gates {
     open: bool,
     any: Mask,
@@ -177,20 +179,48 @@ fn met(clauses: &[Mask], m: Mask) -> bool {
 /// A chain as a value of one collection and key visits it: whether the value must still pass
 /// the chain's selectors (those that read JSON values only), and the gate of the chain's rules
 /// that read such a value.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Visit {
     chain: usize,
     check: bool,
     gate: Gate,
 }
 
+/// The visits of a value of one key, in chain order: all of them, and for a value of each
+/// [`Mask::SIMPLE`] mask those whose gate does not skip it (most values go through a short list).
+#[derive(Debug, Default)]
+struct Visits {
+    all: Vec<Visit>,
+    simple: [Vec<Visit>; 2],
+}
+
+impl Visits {
+    fn new(all: Vec<Visit>) -> Visits {
+        let simple = [0, 1].map(|k| {
+            all.iter()
+                .filter(|v| v.gate.simple[k] != Known::Skip)
+                .cloned()
+                .collect()
+        });
+        Visits { all, simple }
+    }
+
+    /// The visits a value of mask `raw` makes, but for some its gate skips.
+    fn of(&self, raw: Mask) -> &[Visit] {
+        match raw.simple() {
+            Some(k) => &self.simple[k],
+            None => &self.all,
+        }
+    }
+}
+
 /// The chains that read one collection, by the key of the value, each in chain order.
 #[derive(Debug, Default)]
 struct Route {
     /// For a value whose key no selector of the collection names.
-    any: Vec<Visit>,
+    any: Visits,
     /// For a value of a key some selector names (lower case for headers).
-    keys: Vec<(String, Vec<Visit>)>,
+    keys: Vec<(String, Visits)>,
     /// Whether keys compare without case (header names).
     caseless: bool,
 }
@@ -206,7 +236,7 @@ impl Route {
         keys.sort();
         keys.dedup();
         // The chains a value of key `key` (none: any other key) visits.
-        let visits = |key: Option<&str>| -> Vec<Visit> {
+        let visits = |key: Option<&str>| -> Visits {
             let reads = |s: &Selector| {
                 s.collection == c && (s.json_only || s.key.is_none() || s.key.as_deref() == key)
             };
@@ -223,11 +253,15 @@ impl Route {
                 if !(picks || maybe) {
                     continue;
                 }
-                let mut gate = Gate::default();
+                let mut gate = Gate {
+                    shortest: usize::MAX,
+                    ..Gate::default()
+                };
                 for &r in &chain.members {
                     if !rules[r].targets.iter().any(reads) {
                         continue;
                     }
+                    gate.shortest = gate.shortest.min(needs[r].shortest());
                     gate.always |= needs[r].is_nothing();
                     for (clauses, needs_word) in needs[r].alternatives() {
                         if needs_word {
@@ -260,7 +294,7 @@ impl Route {
                     gate,
                 });
             }
-            visits
+            Visits::new(visits)
         };
         Route {
             any: visits(None),
@@ -269,17 +303,17 @@ impl Route {
         }
     }
 
-    fn visits(&self, key: &str) -> &[Visit] {
-        let same = |k: &str| {
-            if self.caseless {
-                k.eq_ignore_ascii_case(key)
-            } else {
-                k == key
-            }
-        };
+    #[inline]
+    fn visits(&self, key: &str) -> &Visits {
+        if self.keys.is_empty() {
+            return &self.any;
+        }
+        if self.caseless && key.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.visits(&key.to_ascii_lowercase());
+        }
         self.keys
             .iter()
-            .find(|(k, _)| same(k))
+            .find(|(k, _)| k == key)
             .map_or(&self.any, |(_, v)| v)
     }
 }
@@ -373,6 +407,15 @@ impl<'s> Outs<'s> {
             }
         }
     }
+}
+
+/// The rules one of whose words a value holds, once looked for (`fresh`); the buffers serve
+/// every value of a request.
+#[derive(Default)]
+struct Words {
+    fresh: bool,
+    seen: Vec<u64>,
+    found: Vec<usize>,
 }
 
 /// The compiled engine for one route.
@@ -626,7 +669,7 @@ impl Engine {
             .collect();
         let mut reads = Collections::default();
         for (&c, route) in Collection::ALL.iter().zip(&by_collection) {
-            if !route.any.is_empty() || !route.keys.is_empty() {
+            if !route.any.all.is_empty() || !route.keys.is_empty() {
                 reads.insert(c);
             }
         }
@@ -676,11 +719,13 @@ impl Engine {
             .collect();
         let mut found = Vec::new();
         let mut outs = Outs::new(&self.steps);
+        let mut words = Words::default();
         for v in &values {
             outs.reset();
+            words.fresh = false;
             let raw = Mask::of(&v.bytes);
-            let mut words = None;
-            for visit in self.by_collection[v.collection as usize].visits(&v.key) {
+            let route = &self.by_collection[v.collection as usize];
+            for visit in route.visits(&v.key).of(raw) {
                 let chain = &self.chains[visit.chain];
                 if visit.check && !chain.selectors.iter().any(|s| s.selects(v)) {
                     continue;
@@ -717,16 +762,19 @@ impl Engine {
 
     /// Whether a value of mask `raw` may match a rule of the chain it visits: one whose byte
     /// clauses the transformed value's mask meets and, when the value is judged by its words,
-    /// one of whose words it holds (`hits`, found on first use).
+    /// one of whose words it holds (`words`, found on first use).
     fn may_match(
         &self,
         visit: &Visit,
         raw: Mask,
         value: &[u8],
         outs: &mut Outs<'_>,
-        hits: &mut Option<Vec<usize>>,
+        words: &mut Words,
     ) -> bool {
         let (chain, gate) = (&self.chains[visit.chain], &visit.gate);
+        if value.len() < gate.shortest {
+            return false;
+        }
         if gate.always {
             return true;
         }
@@ -734,7 +782,7 @@ impl Engine {
             match gate.simple[k] {
                 Known::Skip => return false,
                 Known::Run => return true,
-                Known::Words => return self.holds_word(gate, raw, value, hits),
+                Known::Words => return self.holds_word(gate, raw, value, words),
                 Known::Ask => {}
             }
         }
@@ -768,47 +816,45 @@ impl Engine {
         if !by_words {
             return true;
         }
-        self.holds_word(gate, m, value, hits)
+        self.holds_word(gate, m, value, words)
     }
 
     /// Whether `value` (of transformed mask `m`) holds a word of a rule of `gate`, with that
-    /// rule's bytes. The words are looked for once per value (`hits`), and only here.
-    fn holds_word(
-        &self,
-        gate: &Gate,
-        m: Mask,
-        value: &[u8],
-        hits: &mut Option<Vec<usize>>,
-    ) -> bool {
-        let hits = hits.get_or_insert_with(|| self.find_words(value));
-        hits.iter()
+    /// rule's bytes. The words are looked for once per value (`words`), and only here.
+    fn holds_word(&self, gate: &Gate, m: Mask, value: &[u8], words: &mut Words) -> bool {
+        if !words.fresh {
+            self.find_words(value, words);
+        }
+        words
+            .found
+            .iter()
             .any(|i| gate.rules.binary_search(i).is_ok() && self.worded[*i].met_by(m))
     }
 
-    /// The rules one of whose words `value` holds, in order.
-    fn find_words(&self, value: &[u8]) -> Vec<usize> {
+    /// Finds the rules one of whose words `value` holds, in order, into `words`.
+    fn find_words(&self, value: &[u8], words: &mut Words) {
+        words.fresh = true;
+        words.found.clear();
         let Some((ac, rules)) = &self.words else {
-            return Vec::new();
+            return;
         };
-        // Most values hold no word: the set is made at the first.
-        let mut seen = Vec::new();
+        // Most values hold no word: the set is cleared at the first.
+        words.seen.clear();
         for m in ac.find_overlapping_iter(value) {
-            if seen.is_empty() {
-                seen.resize(self.rules.len().div_ceil(64), 0u64);
+            if words.seen.is_empty() {
+                words.seen.resize(self.rules.len().div_ceil(64), 0u64);
             }
             for &i in &rules[m.pattern().as_usize()] {
-                seen[i / 64] |= 1 << (i % 64);
+                words.seen[i / 64] |= 1 << (i % 64);
             }
         }
-        let mut found = Vec::new();
-        for (w, &bits) in seen.iter().enumerate() {
+        for (w, &bits) in words.seen.iter().enumerate() {
             let mut bits = bits;
             while bits != 0 {
-                found.push(w * 64 + bits.trailing_zeros() as usize);
+                words.found.push(w * 64 + bits.trailing_zeros() as usize);
                 bits &= bits - 1;
             }
         }
-        found
     }
 
     fn check(&self, check: Check, req: &Request<'_>, facts: &Facts) -> bool {

@@ -273,10 +273,12 @@ impl Passage {
     }
 }
 
-/// What a rule needs of a value: one of its alternatives (its pattern's `|`s multiplied out).
-/// One that needs nothing: any value may match.
+/// What a rule needs of a value: one of its alternatives (its pattern's `|`s multiplied out),
+/// and the fewest bytes a value it matches has (no transformation lengthens a value, so a
+/// shorter value cannot match after its chain either). An alternative that needs nothing: any
+/// value that long may match.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Needs(Vec<Need>);
+pub struct Needs(Vec<Need>, usize);
 
 /// One alternative: clauses of bytes, all of which the value's mask must meet, and maybe
 /// words (letters, digits and `_`, lower case), one of which the value must hold in any case.
@@ -297,7 +299,7 @@ const MAX_BRANCHES: usize = 128;
 
 impl Default for Needs {
     fn default() -> Self {
-        Needs(vec![Need::default()])
+        Needs(vec![Need::default()], 0)
     }
 }
 
@@ -312,12 +314,25 @@ impl Needs {
         else {
             return Needs::default();
         };
-        Needs::of(walk(&hir))
+        let shortest = hir.properties().minimum_len().unwrap_or(0);
+        Needs::of(walk(&hir)).at_least(shortest)
     }
 
     /// What a match of any of `phrases` (ASCII case-insensitive) needs.
     pub fn of_phrases(phrases: &[String]) -> Needs {
-        Needs::of(phrases.iter().map(|p| literal(p.as_bytes())).collect())
+        let shortest = phrases.iter().map(String::len).min().unwrap_or(0);
+        Needs::of(phrases.iter().map(|p| literal(p.as_bytes())).collect()).at_least(shortest)
+    }
+
+    /// `self`, for values of `len` bytes or more.
+    fn at_least(self, len: usize) -> Needs {
+        let shortest = self.1.max(len);
+        Needs(self.0, shortest)
+    }
+
+    /// The fewest bytes of a value the rule may match.
+    pub fn shortest(&self) -> usize {
+        self.1
     }
 
     fn of(branches: Vec<Need>) -> Needs {
@@ -328,7 +343,7 @@ impl Needs {
         if branches.len() > MAX_BRANCHES {
             branches = branches.into_iter().reduce(either).into_iter().collect();
         }
-        Needs(branches)
+        Needs(branches, 0)
     }
 
     /// What a value must hold for `rule` to match it.
@@ -337,10 +352,10 @@ impl Needs {
             Operator::Regex(p) => Needs::of_regex(p),
             Operator::Phrases { list, .. } => Needs::of_phrases(list),
             Operator::ByteRanges(ranges) => Needs::outside(ranges),
-            Operator::Detect(_)
-            | Operator::LengthGt(_)
-            | Operator::IpMatch(_)
-            | Operator::Check(_) => Needs::default(),
+            Operator::Detect(_) => Needs::default().at_least(1),
+            Operator::LengthGt(n) => Needs::default().at_least(n + 1),
+            // An empty value stands for the client's address.
+            Operator::IpMatch(_) | Operator::Check(_) => Needs::default(),
         };
         match &rule.needs_any_of {
             Some(bytes) => n.and_any_of(bytes),
@@ -354,15 +369,18 @@ impl Needs {
         for b in 0..=255u8 {
             if !ranges.iter().any(|[lo, hi]| (lo..=hi).contains(&&b)) {
                 if b.is_ascii_alphabetic() {
-                    return Needs::default();
+                    return Needs::default().at_least(1);
                 }
                 m |= BIT[b as usize];
             }
         }
-        Needs(vec![Need {
-            bytes: vec![Mask(m)],
-            words: None,
-        }])
+        Needs(
+            vec![Need {
+                bytes: vec![Mask(m)],
+                words: None,
+            }],
+            1,
+        )
     }
 
     /// `self`, and one byte of `bytes` too (a rule's `needs_any_of`). A letter in the list makes
@@ -374,7 +392,7 @@ impl Needs {
                 n.bytes = rarest([std::mem::take(&mut n.bytes), vec![Mask(m)]].concat());
             }
         }
-        self
+        self.at_least(1)
     }
 
     /// Whether any value may match.
