@@ -69,7 +69,10 @@ impl Transform {
             Transform::RemoveWhitespace => without(input, is_space),
             Transform::RemoveComments => remove_comments(input),
             Transform::NormalizePath => normalize_path(input),
-            Transform::RemoveNulls => without(input, |b| b == 0),
+            Transform::RemoveNulls => match memchr::memchr(0, input) {
+                None => Cow::Borrowed(input),
+                Some(_) => without(input, |b| b == 0),
+            },
             Transform::CmdLine => cmd_line(input),
             Transform::Base64Decode => base64_decode(input),
             Transform::Trim => Cow::Borrowed(input.trim_ascii()),
@@ -101,8 +104,19 @@ fn without(input: &[u8], drop: impl Fn(u8) -> bool) -> Cow<'_, [u8]> {
 }
 
 fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0xa0)
+    SPACE[b as usize]
 }
+
+/// The bytes [`is_space`] takes for white space, as a table.
+static SPACE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 7 {
+        t[[b' ', b'\t', b'\n', b'\r', 0x0b, 0x0c, 0xa0][i] as usize] = true;
+        i += 1;
+    }
+    t
+};
 
 fn hex(b: u8) -> Option<u8> {
     match b {
@@ -166,12 +180,12 @@ fn url_decode_once(input: &[u8]) -> Vec<u8> {
 }
 
 fn url_decode(input: &[u8]) -> Cow<'_, [u8]> {
-    if !input.iter().any(|&b| b == b'%' || b == b'+') {
+    if memchr::memchr2(b'%', b'+', input).is_none() {
         return Cow::Borrowed(input);
     }
     let mut value = url_decode_once(input);
     for _ in 1..MAX_ROUNDS {
-        if !value.contains(&b'%') {
+        if memchr::memchr(b'%', &value).is_none() {
             break;
         }
         let next = url_decode_once(&value);
@@ -283,7 +297,7 @@ fn html_entity_decode(input: &[u8]) -> Cow<'_, [u8]> {
 }
 
 fn js_decode(input: &[u8]) -> Cow<'_, [u8]> {
-    if !input.contains(&b'\\') {
+    if memchr::memchr(b'\\', input).is_none() {
         return Cow::Borrowed(input);
     }
     let mut out = Vec::with_capacity(input.len());
@@ -340,14 +354,10 @@ fn js_decode(input: &[u8]) -> Cow<'_, [u8]> {
 }
 
 fn compress_whitespace(input: &[u8]) -> Cow<'_, [u8]> {
-    // One pass: a space other than ' ', or two spaces in a row, needs the rewrite.
-    let mut previous_space = false;
-    let needs = input.iter().any(|&b| {
-        let space = is_space(b);
-        let needs = space && (previous_space || b != b' ');
-        previous_space = space;
-        needs
-    });
+    // A space other than ' ', or two spaces in a row, needs the rewrite.
+    let needs = memchr::memchr3(b'\t', b'\n', b'\r', input).is_some()
+        || memchr::memchr3(0x0b, 0x0c, 0xa0, input).is_some()
+        || memchr::memmem::find(input, b"  ").is_some();
     if !needs {
         return Cow::Borrowed(input);
     }
@@ -368,11 +378,14 @@ fn compress_whitespace(input: &[u8]) -> Cow<'_, [u8]> {
 }
 
 fn remove_comments(input: &[u8]) -> Cow<'_, [u8]> {
-    if !input.contains(&b'/') && !input.contains(&b'-') && !input.contains(&b'#') {
+    let opens = |rest: &[u8]| rest.starts_with(b"/*") || rest.starts_with(b"--") || rest[0] == b'#';
+    let Some(first) = memchr::memchr3_iter(b'/', b'-', b'#', input).find(|&i| opens(&input[i..]))
+    else {
         return Cow::Borrowed(input);
-    }
+    };
     let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
+    out.extend_from_slice(&input[..first]);
+    let mut i = first;
     while i < input.len() {
         let rest = &input[i..];
         if rest.starts_with(b"/*") {
@@ -391,8 +404,10 @@ fn remove_comments(input: &[u8]) -> Cow<'_, [u8]> {
             out.push(b' ');
             i += end;
         } else {
-            out.push(rest[0]);
-            i += 1;
+            // Up to the next byte that may open a comment.
+            let run = memchr::memchr3(b'/', b'-', b'#', &rest[1..]).map_or(rest.len(), |n| n + 1);
+            out.extend_from_slice(&rest[..run]);
+            i += run;
         }
     }
     Cow::Owned(out)
