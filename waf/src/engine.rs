@@ -112,7 +112,7 @@ struct Chain {
 
 /// What a value needs for some rule of a chain that reads it to match it (see [`Needs`]):
 /// the rules' alternatives that need no word, and those that do (checked by their bytes alone
-/// when a value is not judged by its words), and the rules that need words, in order.
+/// when a value is not judged by its words), and the rules that need words.
 #[derive(Debug, Clone, Default)]
 struct Gate {
     /// The fewest bytes of a value some rule may match: a shorter one skips the chain.
@@ -121,7 +121,8 @@ struct Gate {
     always: bool,
     plain: Gates,
     worded: Gates,
-    rules: Vec<usize>,
+    /// The rules that need words, a bit per rule (by index).
+    rules: Vec<u64>,
     /// The gate's answer, worked out once, for a value of each [`Mask::SIMPLE`] mask.
     simple: [Known; 2],
 }
@@ -266,13 +267,13 @@ impl Route {
                     for (clauses, needs_word) in needs[r].alternatives() {
                         if needs_word {
                             gate.worded.push(clauses);
-                            gate.rules.push(r);
+                            gate.rules.resize(rules.len().div_ceil(64), 0);
+                            gate.rules[r / 64] |= 1 << (r % 64);
                         } else {
                             gate.plain.push(clauses);
                         }
                     }
                 }
-                gate.rules.dedup();
                 for (known, &m) in gate.simple.iter_mut().zip(&Mask::SIMPLE) {
                     *known = match chain.passage.quick(m) {
                         None => Known::Ask,
@@ -409,13 +410,12 @@ impl<'s> Outs<'s> {
     }
 }
 
-/// The rules one of whose words a value holds, once looked for (`fresh`); the buffers serve
-/// every value of a request.
+/// The rules one of whose words a value holds, a bit per rule, once looked for (`fresh`); the
+/// buffer serves every value of a request.
 #[derive(Default)]
 struct Words {
     fresh: bool,
     seen: Vec<u64>,
-    found: Vec<usize>,
 }
 
 /// The compiled engine for one route.
@@ -826,33 +826,36 @@ impl Engine {
             self.find_words(value, words);
         }
         words
-            .found
+            .seen
             .iter()
-            .any(|i| gate.rules.binary_search(i).is_ok() && self.worded[*i].met_by(m))
+            .zip(&gate.rules)
+            .enumerate()
+            .any(|(w, (&seen, &rules))| {
+                let mut bits = seen & rules;
+                while bits != 0 {
+                    if self.worded[w * 64 + bits.trailing_zeros() as usize].met_by(m) {
+                        return true;
+                    }
+                    bits &= bits - 1;
+                }
+                false
+            })
     }
 
-    /// Finds the rules one of whose words `value` holds, in order, into `words`.
+    /// Finds the rules one of whose words `value` holds, into `words`.
     fn find_words(&self, value: &[u8], words: &mut Words) {
         words.fresh = true;
-        words.found.clear();
+        words.seen.clear();
         let Some((ac, rules)) = &self.words else {
             return;
         };
-        // Most values hold no word: the set is cleared at the first.
-        words.seen.clear();
+        // Most values hold no word: the set is made at the first.
         for m in ac.find_overlapping_iter(value) {
             if words.seen.is_empty() {
                 words.seen.resize(self.rules.len().div_ceil(64), 0u64);
             }
             for &i in &rules[m.pattern().as_usize()] {
                 words.seen[i / 64] |= 1 << (i % 64);
-            }
-        }
-        for (w, &bits) in words.seen.iter().enumerate() {
-            let mut bits = bits;
-            while bits != 0 {
-                words.found.push(w * 64 + bits.trailing_zeros() as usize);
-                bits &= bits - 1;
             }
         }
     }

@@ -173,7 +173,7 @@ pub fn values<'a>(
         ),
         facts: Facts::default(),
         max: limits.max_values,
-        json_keys: std::collections::HashSet::new(),
+        json_keys: hashbrown::HashSet::new(),
     };
     out.push(Collection::Method, Origin::Other, "", req.method.as_bytes());
     out.push(Collection::Path, Origin::Other, "", req.path.as_bytes());
@@ -214,7 +214,7 @@ struct Values<'a> {
     facts: Facts,
     max: usize,
     /// JSON object keys already taken (each is inspected once per request).
-    json_keys: std::collections::HashSet<String>,
+    json_keys: hashbrown::HashSet<Cow<'a, str>>,
 }
 
 impl<'a> Values<'a> {
@@ -403,6 +403,10 @@ impl<'a> Values<'a> {
     /// that is not JSON leaves no value of it.
     fn json(&mut self, body: &'a [u8], limits: &Limits, truncated: bool) -> bool {
         let (start, over) = (self.list.len(), self.facts.values_over_limit);
+        // A string or a key per two quotes, at most: room for them at once.
+        let quotes = memchr::memchr_iter(b'"', body).count();
+        self.list
+            .reserve((quotes / 2).min(self.max.saturating_sub(start)));
         let mut path = String::from("body");
         let mut de = serde_json::Deserializer::from_slice(body);
         let walked = serde::de::DeserializeSeed::deserialize(
@@ -607,7 +611,7 @@ impl<'a> serde::de::Visitor<'a> for Walk<'_, 'a> {
             self.path.push_str(&k);
             // The same key in every record of an array is inspected once.
             if !self.out.json_keys.contains(k.as_ref()) {
-                self.out.json_keys.insert(k.to_string());
+                self.out.json_keys.insert(k.clone());
                 let name = match k {
                     Cow::Borrowed(k) => Cow::Borrowed(k.as_bytes()),
                     Cow::Owned(k) => Cow::Owned(k.into_bytes()),
