@@ -328,10 +328,13 @@ struct Step {
     transform: Transform,
 }
 
-/// A step's output for one value: unchanged from its input, or new bytes.
+/// A step's output for one value: unchanged from its input, or new bytes (a part of its input,
+/// as `trim` gives, is new bytes too), or what another step gave that applied the same
+/// transformation to the value itself.
 enum Out {
     Same,
     New(Vec<u8>),
+    As(usize),
 }
 
 /// The steps' outputs for one value, computed on demand, each at most once.
@@ -341,6 +344,9 @@ struct Outs<'s> {
     outs: Vec<(u32, Out)>,
     /// The current value's number: an output of another is stale.
     current: u32,
+    /// Per transformation (`Transform as usize`), the step that applied it to the value itself,
+    /// and for which value: steps of other chains that do the same reuse its output.
+    on_value: [(u32, usize); Transform::ALL.len()],
 }
 
 impl<'s> Outs<'s> {
@@ -349,6 +355,7 @@ impl<'s> Outs<'s> {
             steps,
             outs: steps.iter().map(|_| (0, Out::Same)).collect(),
             current: 0,
+            on_value: [(0, 0); Transform::ALL.len()],
         }
     }
 
@@ -373,19 +380,33 @@ impl<'s> Outs<'s> {
             self.fill(p, value);
         }
         let input = self.resolve_opt(step.parent, value);
+        let on_value = std::ptr::eq(input, value);
+        let t = step.transform as usize;
+        if on_value && self.on_value[t].0 == self.current {
+            self.outs[at] = (self.current, Out::As(self.on_value[t].1));
+            return;
+        }
         let out = match step.transform.apply(input) {
-            std::borrow::Cow::Borrowed(_) => Out::Same,
+            std::borrow::Cow::Borrowed(b) if b.len() == input.len() => Out::Same,
+            std::borrow::Cow::Borrowed(b) => Out::New(b.to_vec()),
             std::borrow::Cow::Owned(v) => Out::New(v),
         };
         self.outs[at] = (self.current, out);
+        if on_value {
+            self.on_value[t] = (self.current, at);
+        }
     }
 
     /// What step `at` wrote, if it changed its input.
     fn changed<'v>(&'v mut self, at: usize, value: &[u8]) -> Option<&'v [u8]> {
         self.fill(at, value);
+        let at = match self.outs[at].1 {
+            Out::As(k) => k,
+            _ => at,
+        };
         match &self.outs[at].1 {
             Out::New(v) => Some(v),
-            Out::Same => None,
+            Out::Same | Out::As(_) => None,
         }
     }
 
@@ -401,6 +422,7 @@ impl<'s> Outs<'s> {
         loop {
             match &self.outs[at] {
                 (n, Out::New(v)) if *n == self.current => return v,
+                (n, Out::As(k)) if *n == self.current => at = *k,
                 _ => match self.steps[at].parent {
                     Some(p) => at = p,
                     None => return value,
@@ -1303,5 +1325,31 @@ mod tests {
             "{:?}",
             clean.matches
         );
+    }
+
+    /// `trim` gives a part of its input: the rules after it read that part, so white space
+    /// around a value hides nothing from a rule anchored at its start (931100 here).
+    #[test]
+    fn a_trimmed_value_is_what_the_rules_after_trim_read() {
+        let e = Engine::new(&Pack::embedded().expect("pack"), Settings::default()).expect("engine");
+        for query in [
+            &b"file=%20%20http://192.168.1.10/shell.txt"[..],
+            b"file=http://192.168.1.10/shell.txt%20",
+            b"file=%09HTTP://192.168.1.10/shell.txt",
+        ] {
+            let report = e.inspect(&Request {
+                method: "GET",
+                path: "/",
+                query,
+                headers: vec![("Host", b"h")],
+                ..Request::default()
+            });
+            assert!(
+                report.matches.iter().any(|m| m.rule == 931100),
+                "{}: {:?}",
+                String::from_utf8_lossy(query),
+                report.matches
+            );
+        }
     }
 }

@@ -41,6 +41,22 @@ pub enum Transform {
 }
 
 impl Transform {
+    /// Every transformation, each at its own index (`t as usize`).
+    pub const ALL: [Transform; 12] = [
+        Transform::UrlDecode,
+        Transform::HtmlEntityDecode,
+        Transform::JsDecode,
+        Transform::Lowercase,
+        Transform::CompressWhitespace,
+        Transform::RemoveWhitespace,
+        Transform::RemoveComments,
+        Transform::NormalizePath,
+        Transform::RemoveNulls,
+        Transform::CmdLine,
+        Transform::Base64Decode,
+        Transform::Trim,
+    ];
+
     /// Whether it decodes an encoding (and so may write any byte).
     pub fn decodes(self) -> bool {
         matches!(
@@ -535,20 +551,6 @@ mod tests {
     /// separator the transformations know, with every named entity, with and without `;`.
     #[test]
     fn no_transformation_lengthens_a_value() {
-        const ALL: [Transform; 12] = [
-            Transform::UrlDecode,
-            Transform::HtmlEntityDecode,
-            Transform::JsDecode,
-            Transform::Lowercase,
-            Transform::CompressWhitespace,
-            Transform::RemoveWhitespace,
-            Transform::RemoveComments,
-            Transform::NormalizePath,
-            Transform::RemoveNulls,
-            Transform::CmdLine,
-            Transform::Base64Decode,
-            Transform::Trim,
-        ];
         let pieces: Vec<Vec<u8>> = [
             "%", "%u", "%25", "%c3%a9", "%uff1c", "+", "&", "&#", "&#x", "#", ";", "x", "\\",
             "\\u", "\\x", "\\0", "u", "fe", "FF", "d800", "10ffff", "0", "7", "9", "/*", "*/",
@@ -569,7 +571,7 @@ mod tests {
                 seed ^= seed << 17;
                 input.extend_from_slice(&pieces[(seed % pieces.len() as u64) as usize]);
             }
-            for t in ALL {
+            for t in Transform::ALL {
                 let out = t.apply(&input);
                 assert!(
                     out.len() <= input.len(),
@@ -578,6 +580,13 @@ mod tests {
                     String::from_utf8_lossy(&out)
                 );
             }
+        }
+    }
+
+    #[test]
+    fn every_transformation_is_at_its_index() {
+        for (i, t) in Transform::ALL.into_iter().enumerate() {
+            assert_eq!(t as usize, i, "{t:?}");
         }
     }
 
