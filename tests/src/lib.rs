@@ -1,4 +1,4 @@
-//! The end-to-end harness: starts the stack `vigil up` starts, in this process, on ephemeral
+//! The end-to-end harness: starts the stack `vigil up` starts, in this process, on free
 //! loopback ports, and stops it again. Tests read like sentences:
 //!
 //! ```ignore
@@ -42,13 +42,9 @@ pub struct Running {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// A free loopback port: bound, read back, released (Pingora cannot report a port-0 bind).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+mod ports;
+/// A free loopback port for a listener of the stack (Pingora cannot report a port-0 bind).
+pub use ports::free_port;
 
 impl Running {
     /// Starts the stack with its state under `data_dir` and waits until it answers.
