@@ -121,8 +121,10 @@ struct Gate {
     always: bool,
     plain: Gates,
     worded: Gates,
-    /// The rules that need words, a bit per rule (by index).
+    /// The rules that need words, a bit per rule (by index), and the fewest bytes of a value
+    /// one of them may match.
     rules: Vec<u64>,
+    worded_shortest: usize,
     /// The gate's answer, worked out once, for a value of each [`Mask::SIMPLE`] mask.
     simple: [Known; 2],
 }
@@ -256,6 +258,7 @@ impl Route {
                 }
                 let mut gate = Gate {
                     shortest: usize::MAX,
+                    worded_shortest: usize::MAX,
                     ..Gate::default()
                 };
                 for &r in &chain.members {
@@ -269,6 +272,7 @@ impl Route {
                             gate.worded.push(clauses);
                             gate.rules.resize(rules.len().div_ceil(64), 0);
                             gate.rules[r / 64] |= 1 << (r % 64);
+                            gate.worded_shortest = gate.worded_shortest.min(needs[r].shortest());
                         } else {
                             gate.plain.push(clauses);
                         }
@@ -309,9 +313,13 @@ impl Route {
         if self.keys.is_empty() {
             return &self.any;
         }
-        if self.caseless && key.bytes().any(|b| b.is_ascii_uppercase()) {
-            return self.visits(&key.to_ascii_lowercase());
-        }
+        let lower;
+        let key = if self.caseless && key.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = key.to_ascii_lowercase();
+            &lower
+        } else {
+            key
+        };
         self.keys
             .iter()
             .find(|(k, _)| k == key)
@@ -724,7 +732,6 @@ impl Engine {
     pub fn inspect(&self, req: &Request<'_>) -> Report {
         let (values, facts) = request::values(req, &self.settings.limits, self.reads);
         let mut hits = Hits {
-            done: vec![false; self.rules.len()],
             report: Report {
                 threshold: self.settings.threshold,
                 ..Report::default()
@@ -760,11 +767,14 @@ impl Engine {
                 chain.matches(&self.rules, t, req, &mut found);
                 for &i in &found {
                     let rule = &self.rules[i];
-                    if hits.done[i] || !rule.wants(t) || !rule.reads(v) || excluded(&excepts, i, v)
+                    if hits.has(rule)
+                        || !rule.wants(t)
+                        || !rule.reads(v)
+                        || excluded(&excepts, i, v)
                     {
                         continue;
                     }
-                    hits.add(i, rule, target_name(v), t);
+                    hits.add(rule, target_name(v), t);
                 }
             }
         }
@@ -775,7 +785,7 @@ impl Engine {
             };
             let whole = excepts.iter().any(|e| e.targets.is_empty() && e.covers(i));
             if !whole && self.check(check, req, &facts) {
-                hits.add(i, rule, "request".into(), b"");
+                hits.add(rule, "request".into(), b"");
             }
         }
         hits.report.facts = facts;
@@ -844,6 +854,9 @@ impl Engine {
     /// Whether `value` (of transformed mask `m`) holds a word of a rule of `gate`, with that
     /// rule's bytes. The words are looked for once per value (`words`), and only here.
     fn holds_word(&self, gate: &Gate, m: Mask, value: &[u8], words: &mut Words) -> bool {
+        if value.len() < gate.worded_shortest {
+            return false;
+        }
         if !words.fresh {
             self.find_words(value, words);
         }
@@ -968,13 +981,16 @@ fn whole_word(v: &[u8], start: usize, end: usize) -> bool {
 }
 
 struct Hits {
-    done: Vec<bool>,
     report: Report,
 }
 
 impl Hits {
-    fn add(&mut self, i: usize, rule: &Rule, target: String, value: &[u8]) {
-        self.done[i] = true;
+    /// Whether `rule` matched already (it counts once per request).
+    fn has(&self, rule: &Rule) -> bool {
+        self.report.matches.iter().any(|m| m.rule == rule.id)
+    }
+
+    fn add(&mut self, rule: &Rule, target: String, value: &[u8]) {
         let score = rule.severity.score();
         self.report.score += score;
         self.report.matches.push(Match {

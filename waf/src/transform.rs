@@ -268,10 +268,14 @@ fn entity(rest: &[u8]) -> Option<(u32, usize)> {
         let used = 1 + usize::from(radix_hex) + n;
         return Some((cp, used + usize::from(digits.get(n) == Some(&b';'))));
     }
-    let (name, b) = named(rest.first()?.to_ascii_lowercase())
+    // Every name has two letters or more: the second tells most apart at once.
+    let second = rest.get(1)?.to_ascii_lowercase();
+    let (name, b) = named(rest[0].to_ascii_lowercase())
         .iter()
         .find(|(name, _)| {
-            rest.len() >= name.len() && rest[..name.len()].eq_ignore_ascii_case(name)
+            name[1] == second
+                && rest.len() >= name.len()
+                && rest[..name.len()].eq_ignore_ascii_case(name)
         })?;
     Some((
         u32::from(*b),
