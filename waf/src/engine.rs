@@ -121,9 +121,10 @@ struct Gate {
     always: bool,
     plain: Gates,
     worded: Gates,
-    /// The rules that need words, a bit per rule (by index), and the fewest bytes of a value
-    /// one of them may match.
+    /// The rules that need words, a bit per rule (by index).
     rules: Vec<u64>,
+    /// The fewest bytes of a value one of those rules may match: a shorter one is not searched
+    /// for words.
     worded_shortest: usize,
     /// The gate's answer, worked out once, for a value of each [`Mask::SIMPLE`] mask.
     simple: [Known; 2],

@@ -123,12 +123,16 @@ fn is_space(b: u8) -> bool {
     SPACE[b as usize]
 }
 
+/// White space other than `' '`: tab, LF, CR, VT, FF and NBSP.
+const OTHER_SPACES: [u8; 6] = [b'\t', b'\n', b'\r', 0x0b, 0x0c, 0xa0];
+
 /// The bytes [`is_space`] takes for white space, as a table.
 static SPACE: [bool; 256] = {
     let mut t = [false; 256];
+    t[b' ' as usize] = true;
     let mut i = 0;
-    while i < 7 {
-        t[[b' ', b'\t', b'\n', b'\r', 0x0b, 0x0c, 0xa0][i] as usize] = true;
+    while i < OTHER_SPACES.len() {
+        t[OTHER_SPACES[i] as usize] = true;
         i += 1;
     }
     t
@@ -375,8 +379,9 @@ fn js_decode(input: &[u8]) -> Cow<'_, [u8]> {
 
 fn compress_whitespace(input: &[u8]) -> Cow<'_, [u8]> {
     // A space other than ' ', or two spaces in a row, needs the rewrite.
-    let needs = memchr::memchr3(b'\t', b'\n', b'\r', input).is_some()
-        || memchr::memchr3(0x0b, 0x0c, 0xa0, input).is_some()
+    let [a, b, c, d, e, f] = OTHER_SPACES;
+    let needs = memchr::memchr3(a, b, c, input).is_some()
+        || memchr::memchr3(d, e, f, input).is_some()
         || memchr::memmem::find(input, b"  ").is_some();
     if !needs {
         return Cow::Borrowed(input);
