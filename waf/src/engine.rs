@@ -110,15 +110,12 @@ struct Chain {
     members: Vec<usize>,
 }
 
-/// What a value needs for some rule of a chain that reads it to match it (see [`Needs`]):
-/// the rules' alternatives that need no word, and those that do (checked by their bytes alone
-/// when a value is not judged by its words), and the rules that need words.
+/// What a value needs for some rule of a chain that reads it to match it (see [`Needs`]), past
+/// what its [`Visit`] tells at once: the rules' alternatives that need no word, and those that
+/// do (checked by their bytes alone when a value is not judged by its words), and the rules
+/// that need words.
 #[derive(Debug, Clone, Default)]
 struct Gate {
-    /// The fewest bytes of a value some rule may match: a shorter one skips the chain.
-    shortest: usize,
-    /// Some rule needs nothing but length: every such value runs the chain.
-    always: bool,
     plain: Gates,
     worded: Gates,
     /// The rules that need words, a bit per rule (by index).
@@ -126,8 +123,6 @@ struct Gate {
     /// The fewest bytes of a value one of those rules may match: a shorter one is not searched
     /// for words.
     worded_shortest: usize,
-    /// The gate's answer, worked out once, for a value of each [`Mask::SIMPLE`] mask.
-    simple: [Known; 2],
 }
 
 /// A gate's answer for a kind of value, known before any value comes.
@@ -182,12 +177,20 @@ fn met(clauses: &[Mask], m: Mask) -> bool {
 
 /// A chain as a value of one collection and key visits it: whether the value must still pass
 /// the chain's selectors (those that read JSON values only), and the gate of the chain's rules
-/// that read such a value.
-#[derive(Debug, Clone)]
+/// that read such a value. What most values are told by is here, in 16 bytes, so a value's
+/// walk over its visits reads a few cache lines; the rest is in `Engine::gates`.
+#[derive(Debug, Clone, Copy)]
 struct Visit {
-    chain: usize,
+    chain: u32,
+    /// Its [`Gate`] (index into `Engine::gates`).
+    gate: u32,
+    /// The fewest bytes of a value some rule may match: a shorter one skips the chain.
+    shortest: u32,
     check: bool,
-    gate: Gate,
+    /// Some rule needs nothing but length: every value long enough runs the chain.
+    always: bool,
+    /// The gate's answer, worked out once, for a value of each [`Mask::SIMPLE`] mask.
+    simple: [Known; 2],
 }
 
 /// The visits of a value of one key, in chain order: all of them, and for a value of each
@@ -202,8 +205,8 @@ impl Visits {
     fn new(all: Vec<Visit>) -> Visits {
         let simple = [0, 1].map(|k| {
             all.iter()
-                .filter(|v| v.gate.simple[k] != Known::Skip)
-                .cloned()
+                .filter(|v| v.simple[k] != Known::Skip)
+                .copied()
                 .collect()
         });
         Visits { all, simple }
@@ -230,7 +233,14 @@ struct Route {
 }
 
 impl Route {
-    fn new(c: Collection, chains: &[Chain], rules: &[Rule], needs: &[Needs]) -> Route {
+    /// The route of collection `c`; the visits' gates go into `gates`.
+    fn new(
+        c: Collection,
+        chains: &[Chain],
+        rules: &[Rule],
+        needs: &[Needs],
+        gates: &mut Vec<Gate>,
+    ) -> Route {
         let named = |s: &Selector| s.collection == c && !s.json_only;
         let mut keys: Vec<String> = chains
             .iter()
@@ -240,11 +250,11 @@ impl Route {
         keys.sort();
         keys.dedup();
         // The chains a value of key `key` (none: any other key) visits.
-        let visits = |key: Option<&str>| -> Visits {
+        let mut visits = |key: Option<&str>| -> Visits {
             let reads = |s: &Selector| {
                 s.collection == c && (s.json_only || s.key.is_none() || s.key.as_deref() == key)
             };
-            let mut visits = Vec::new();
+            let mut list = Vec::new();
             for (i, chain) in chains.iter().enumerate() {
                 let picks = chain
                     .selectors
@@ -258,16 +268,16 @@ impl Route {
                     continue;
                 }
                 let mut gate = Gate {
-                    shortest: usize::MAX,
                     worded_shortest: usize::MAX,
                     ..Gate::default()
                 };
+                let (mut shortest, mut always) = (usize::MAX, false);
                 for &r in &chain.members {
                     if !rules[r].targets.iter().any(reads) {
                         continue;
                     }
-                    gate.shortest = gate.shortest.min(needs[r].shortest());
-                    gate.always |= needs[r].is_nothing();
+                    shortest = shortest.min(needs[r].shortest());
+                    always |= needs[r].is_nothing();
                     for (clauses, needs_word) in needs[r].alternatives() {
                         if needs_word {
                             gate.worded.push(clauses);
@@ -279,32 +289,37 @@ impl Route {
                         }
                     }
                 }
-                for (known, &m) in gate.simple.iter_mut().zip(&Mask::SIMPLE) {
-                    *known = match chain.passage.quick(m) {
-                        None => Known::Ask,
-                        Some(_) if gate.always => Known::Run,
-                        Some((m, by_words)) => {
-                            if gate.plain.met_by(m) || (!by_words && gate.worded.met_by(m)) {
-                                Known::Run
-                            } else if gate.worded.met_by(m) {
-                                Known::Words
-                            } else {
-                                Known::Skip
-                            }
+                let simple = Mask::SIMPLE.map(|m| match chain.passage.quick(m) {
+                    None => Known::Ask,
+                    Some(_) if always => Known::Run,
+                    Some((m, by_words)) => {
+                        if gate.plain.met_by(m) || (!by_words && gate.worded.met_by(m)) {
+                            Known::Run
+                        } else if gate.worded.met_by(m) {
+                            Known::Words
+                        } else {
+                            Known::Skip
                         }
-                    };
-                }
-                visits.push(Visit {
-                    chain: i,
-                    check: !picks,
-                    gate,
+                    }
                 });
+                let index = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                list.push(Visit {
+                    chain: index(i),
+                    gate: index(gates.len()),
+                    shortest: index(shortest),
+                    check: !picks,
+                    always,
+                    simple,
+                });
+                gates.push(gate);
             }
-            Visits::new(visits)
+            Visits::new(list)
         };
+        let any = visits(None);
+        let keys = keys.iter().map(|k| (k.clone(), visits(Some(k)))).collect();
         Route {
-            any: visits(None),
-            keys: keys.iter().map(|k| (k.clone(), visits(Some(k)))).collect(),
+            any,
+            keys,
             caseless: c == Collection::Headers,
         }
     }
@@ -466,9 +481,11 @@ pub struct Engine {
     words: Option<(AhoCorasick, Vec<Vec<usize>>)>,
     /// Per rule, its alternatives that need a word.
     worded: Vec<Gates>,
+    /// The visits' gates, by [`Visit::gate`].
+    gates: Vec<Gate>,
     /// Whether values skip the chains none of whose rules they can match (off only in the
     /// test that proves skipping changes no report).
-    gates: bool,
+    skipping: bool,
 }
 
 /// One rule that matched: where, on what, and what it adds.
@@ -694,9 +711,10 @@ impl Engine {
                 chain.phrases = Some((ac, phrase_rules, phrase_words));
             }
         }
+        let mut gates = Vec::new();
         let by_collection: Vec<Route> = Collection::ALL
             .iter()
-            .map(|&c| Route::new(c, &chains, &rules, &needs))
+            .map(|&c| Route::new(c, &chains, &rules, &needs, &mut gates))
             .collect();
         let mut reads = Collections::default();
         for (&c, route) in Collection::ALL.iter().zip(&by_collection) {
@@ -715,7 +733,8 @@ impl Engine {
             settings,
             words,
             worded,
-            gates: true,
+            gates,
+            skipping: true,
         })
     }
 
@@ -756,11 +775,11 @@ impl Engine {
             let raw = Mask::of(&v.bytes);
             let route = &self.by_collection[v.collection as usize];
             for visit in route.visits(&v.key).of(raw) {
-                let chain = &self.chains[visit.chain];
-                if visit.check && !chain.selectors.iter().any(|s| s.selects(v)) {
+                if self.skipping && !self.may_match(visit, raw, &v.bytes, &mut outs, &mut words) {
                     continue;
                 }
-                if self.gates && !self.may_match(visit, raw, &v.bytes, &mut outs, &mut words) {
+                let chain = &self.chains[visit.chain as usize];
+                if visit.check && !chain.selectors.iter().any(|s| s.selects(v)) {
                     continue;
                 }
                 let t = outs.get(chain.step, &v.bytes);
@@ -804,21 +823,22 @@ impl Engine {
         outs: &mut Outs<'_>,
         words: &mut Words,
     ) -> bool {
-        let (chain, gate) = (&self.chains[visit.chain], &visit.gate);
-        if value.len() < gate.shortest {
+        if value.len() < visit.shortest as usize {
             return false;
         }
-        if gate.always {
+        if visit.always {
             return true;
         }
+        let gate = &self.gates[visit.gate as usize];
         if let Some(k) = raw.simple() {
-            match gate.simple[k] {
+            match visit.simple[k] {
                 Known::Skip => return false,
                 Known::Run => return true,
                 Known::Words => return self.holds_word(gate, raw, value, words),
                 Known::Ask => {}
             }
         }
+        let chain = &self.chains[visit.chain as usize];
         // The transformed value's bytes, and whether its words are all in the raw value. When
         // a decoder's escape is there, the decoder runs (its output is shared with the chain
         // that follows): what it wrote, if anything, is then known exactly.
@@ -1297,7 +1317,7 @@ mod tests {
             };
             let gated = Engine::new(&pack, settings.clone()).expect("engine");
             let mut full = Engine::new(&pack, settings).expect("engine");
-            full.gates = false;
+            full.skipping = false;
             let mut matched = 0;
             for case in &cases {
                 let req = case.as_request();
