@@ -36,7 +36,11 @@
 # JSON body as bench/run.sh); a Python client sends WARMUP requests on one keep-alive
 # connection, the counters are zeroed, then it sends COUNT more and the counters are dumped:
 # the figure is the total instructions over COUNT (PEER_COUNT for the peer). Set KEEP=DIR to keep
-# the callgrind files for callgrind_annotate. Loopback only; every loop is bounded by its count.
+# the callgrind files for callgrind_annotate. CACHE=1 adds callgrind's cache simulation and
+# prints L1 misses per request (instruction, data read, data write) beside the instructions: a
+# request's share of what its code and data evict, which time on a loaded machine feels and
+# instruction counts do not (a run about twice as slow). Loopback only; every loop is bounded
+# by its count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${COUNT:-2000}
@@ -158,7 +162,7 @@ declare -A KEYS_OF=([S1k]=100000 [S5]=100000 [S5r]=100000)
 declare -A EXPECT_OF=([S5x]=429)
 declare -A FILL=([S1k]=100000 [S5]=100000 [S5r]=100000)
 declare -A TOKENS=([S1t]="$work/es/tokens-0" [S3w]="$work/es-one" [S3c]="$work/es/tokens-0" [S3h]="$work/hs/tokens-0")
-declare -A IR SPANS
+declare -A IR SPANS MISSES
 for t in "${targets[@]}"; do
   out="$work/cg-$t"
   mkdir -p "$out"
@@ -177,7 +181,8 @@ for t in "${targets[@]}"; do
     cmd=("$bin/vigil" proxy --config "$work/proxy.toml" --threads 1)
   fi
   fill=${FILL[$t]:-0}
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out.%p" \
+  RUST_LOG=warn valgrind --tool=callgrind --cache-sim="$([ -n "${CACHE:-}" ] && echo yes || echo no)" \
+    --callgrind-out-file="$out/callgrind.out.%p" \
     --instr-atstart="$([ "$fill" -gt 0 ] && echo no || echo yes)" \
     "${cmd[@]}" >"$out/stdout" 2>"$out/stderr" &
   pid=$!
@@ -202,6 +207,8 @@ for t in "${targets[@]}"; do
   dump=$(grep -l "^desc: Trigger: dump $t$" "$out"/callgrind.out.* | head -1)
   ir=$(awk '/^summary:|^totals:/ {print $2; exit}' "$dump")
   IR[$t]=$((ir / count))
+  # Ir Dr Dw I1mr D1mr D1mw ... with CACHE: the L1 misses per request
+  MISSES[$t]=$(awk -v n="$count" '/^summary:|^totals:/ {if (NF >= 7) printf "%.0f %.0f %.0f", $5 / n, $6 / n, $7 / n; exit}' "$dump")
   if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$dump" "$KEEP/callgrind.$t"; fi
   echo "$t: ${IR[$t]} instructions per request" >&2
 done
@@ -209,13 +216,14 @@ done
 echo
 echo "instructions per request (callgrind, profile $PROFILE, $COUNT requests after $WARMUP on one keep-alive connection;"
 echo "the ModSecurity targets $PEER_COUNT after $PEER_WARMUP)"
-printf '%-6s %12s %10s %10s\n' target Ir/request vs_floor vs_S1
+printf '%-6s %12s %10s %10s%s\n' target Ir/request vs_floor vs_S1 "$([ -n "${CACHE:-}" ] && echo "   I1 miss   D1r miss   D1w miss")"
 for t in "${targets[@]}"; do
   python3 -c '
 import sys
-t, ir, floor, s1 = sys.argv[1], *map(float, sys.argv[2:])
+t, ir, floor, s1 = sys.argv[1], *map(float, sys.argv[2:5])
 r = lambda a, b: f"{a / b:10.2f}" if b else "%10s" % "-"
-print(f"{t:<6} {ir:12.0f} {r(ir, floor)} {r(ir, s1)}")' "$t" "${IR[$t]}" "${IR[floor]:-0}" "${IR[S1]:-0}"
+misses = "".join(f"{m:>11}" for m in sys.argv[5].split())
+print(f"{t:<6} {ir:12.0f} {r(ir, floor)} {r(ir, s1)}{misses}")' "$t" "${IR[$t]}" "${IR[floor]:-0}" "${IR[S1]:-0}" "${MISSES[$t]:-}"
 done
 python3 - <<PY
 ir = {k: float(v) for k, v in [$(for t in "${targets[@]}"; do printf '("%s", "%s"),' "$t" "${IR[$t]}"; done)]}
