@@ -39,8 +39,7 @@
 # the callgrind files for callgrind_annotate. CACHE=1 adds callgrind's cache simulation and
 # prints L1 misses per request (instruction, data read, data write) beside the instructions: a
 # request's share of what its code and data evict, which time on a loaded machine feels and
-# instruction counts do not (a run about twice as slow). Loopback only; every loop is bounded
-# by its count.
+# instruction counts do not. Loopback only; every loop is bounded by its count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${COUNT:-2000}
