@@ -193,6 +193,9 @@ struct Visit {
     simple: [Known; 2],
 }
 
+// The walk over a value's visits reads them in a row: they stay 16 bytes.
+const _: () = assert!(std::mem::size_of::<Visit>() == 16);
+
 /// The visits of a value of one key, in chain order: all of them, and for a value of each
 /// [`Mask::SIMPLE`] mask those whose gate does not skip it (most values go through a short list).
 #[derive(Debug, Default)]
