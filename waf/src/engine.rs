@@ -125,16 +125,116 @@ struct Gate {
     worded_shortest: usize,
 }
 
-/// A gate's answer for a kind of value, known before any value comes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A gate's answer for every value of one mask, known before the value is read further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Known {
-    /// Not known: the chain's decoders may have something to decode.
-    #[default]
+    /// Not known: the chain's decoders have something to decode.
     Ask,
     Skip,
     Run,
-    /// Run if the value holds one of the words.
-    Words,
+    /// Run if the value holds one of the words (its mask after the chain is this).
+    Words(Mask),
+    /// Not worked out yet: asked when a value comes.
+    Later,
+}
+
+impl Gate {
+    /// What the gate answers for a value of mask `raw` read through `passage`, by the mask
+    /// alone; `always`: some rule needs nothing but length.
+    fn known(&self, always: bool, passage: &Passage, raw: Mask) -> Known {
+        if always {
+            return Known::Run;
+        }
+        let Some((m, by_words)) = passage.quick(raw) else {
+            return Known::Ask;
+        };
+        if self.plain.met_by(m) || (!by_words && self.worded.met_by(m)) {
+            Known::Run
+        } else if self.worded.met_by(m) {
+            Known::Words(m)
+        } else {
+            Known::Skip
+        }
+    }
+}
+
+/// A plan: the visits (by index into their list) a value of one mask makes, but for those its
+/// gates skip, with the gates' answers.
+type Plan = [(u32, Known)];
+
+/// The plans values of a request make, each worked out at the second value of its mask and
+/// visits: a JSON array of records, or a long form, has many values and few masks. Only a
+/// request of many values keeps them (for a few, keeping costs more than it saves), and at
+/// most [`PLANS`]: a request of more kinds of value starts over.
+struct Plans {
+    keep: bool,
+    /// The visits (by address), the mask, and where its plan is in `steps` once made.
+    made: Vec<(usize, Mask, Option<std::ops::Range<usize>>)>,
+    steps: Vec<(u32, Known)>,
+}
+
+/// Plans kept per request.
+const PLANS: usize = 64;
+/// The fewest values a request has for its plans to be kept.
+const PLANNED: usize = 32;
+
+impl Plans {
+    fn new(keep: bool) -> Plans {
+        Plans {
+            keep,
+            made: Vec::new(),
+            steps: Vec::new(),
+        }
+    }
+
+    /// The plan of a value of mask `raw` and `len` bytes through `visits`.
+    fn of<'a>(
+        &'a mut self,
+        engine: &Engine,
+        visits: &'a Visits,
+        raw: Mask,
+        len: usize,
+    ) -> &'a Plan {
+        if !engine.skipping {
+            return &visits.later;
+        }
+        if let Some(k) = Mask::SIMPLE.iter().position(|&m| m == raw) {
+            return &visits.simple[k];
+        }
+        if !self.keep {
+            return &visits.later;
+        }
+        let list = visits.all.as_ptr() as usize;
+        let Some(at) = self
+            .made
+            .iter()
+            .position(|(l, m, _)| *l == list && *m == raw)
+        else {
+            if self.made.len() == PLANS {
+                self.made.clear();
+                self.steps.clear();
+            }
+            self.made.push((list, raw, None));
+            return &visits.later;
+        };
+        if let Some(made) = &self.made[at].2 {
+            return &self.steps[made.clone()];
+        }
+        let start = self.steps.len();
+        for (i, visit) in visits.all.iter().enumerate() {
+            let known = if len < visit.shortest as usize {
+                Known::Later
+            } else {
+                engine.known(visit, raw)
+            };
+            if known != Known::Skip {
+                self.steps
+                    .push((u32::try_from(i).unwrap_or(u32::MAX), known));
+            }
+        }
+        self.made[at].2 = Some(start..self.steps.len());
+        &self.steps[start..]
+    }
 }
 
 /// Alternatives of rules: byte clauses each, and the union of their first clauses (a mask that
@@ -177,8 +277,8 @@ fn met(clauses: &[Mask], m: Mask) -> bool {
 
 /// A chain as a value of one collection and key visits it: whether the value must still pass
 /// the chain's selectors (those that read JSON values only), and the gate of the chain's rules
-/// that read such a value. What most values are told by is here, in 16 bytes, so a value's
-/// walk over its visits reads a few cache lines; the rest is in `Engine::gates`.
+/// that read such a value. What a value's walk over its visits reads first is here, in 16 bytes,
+/// so the walk reads a few cache lines; the rest is in `Engine::gates`.
 #[derive(Debug, Clone, Copy)]
 struct Visit {
     chain: u32,
@@ -189,39 +289,19 @@ struct Visit {
     check: bool,
     /// Some rule needs nothing but length: every value long enough runs the chain.
     always: bool,
-    /// The gate's answer, worked out once, for a value of each [`Mask::SIMPLE`] mask.
-    simple: [Known; 2],
 }
 
-// The walk over a value's visits reads them in a row: they stay 16 bytes.
-const _: () = assert!(std::mem::size_of::<Visit>() == 16);
+// The walk over a value's visits reads them in a row: they stay within 16 bytes.
+const _: () = assert!(std::mem::size_of::<Visit>() <= 16);
 
-/// The visits of a value of one key, in chain order: all of them, and for a value of each
-/// [`Mask::SIMPLE`] mask those whose gate does not skip it (most values go through a short list).
+/// The visits of a value of one key, in chain order; the plans of values of each
+/// [`Mask::SIMPLE`] mask (most names, ids and words), made with the engine; and the plan of a
+/// value of a mask not seen before: every visit, its gate asked when the value comes.
 #[derive(Debug, Default)]
 struct Visits {
     all: Vec<Visit>,
-    simple: [Vec<Visit>; 2],
-}
-
-impl Visits {
-    fn new(all: Vec<Visit>) -> Visits {
-        let simple = [0, 1].map(|k| {
-            all.iter()
-                .filter(|v| v.simple[k] != Known::Skip)
-                .copied()
-                .collect()
-        });
-        Visits { all, simple }
-    }
-
-    /// The visits a value of mask `raw` makes, but for some its gate skips.
-    fn of(&self, raw: Mask) -> &[Visit] {
-        match raw.simple() {
-            Some(k) => &self.simple[k],
-            None => &self.all,
-        }
-    }
+    simple: [Vec<(u32, Known)>; 2],
+    later: Vec<(u32, Known)>,
 }
 
 /// The chains that read one collection, by the key of the value, each in chain order.
@@ -258,6 +338,7 @@ impl Route {
                 s.collection == c && (s.json_only || s.key.is_none() || s.key.as_deref() == key)
             };
             let mut list = Vec::new();
+            let mut simple = [Vec::new(), Vec::new()];
             for (i, chain) in chains.iter().enumerate() {
                 let picks = chain
                     .selectors
@@ -292,31 +373,30 @@ impl Route {
                         }
                     }
                 }
-                let simple = Mask::SIMPLE.map(|m| match chain.passage.quick(m) {
-                    None => Known::Ask,
-                    Some(_) if always => Known::Run,
-                    Some((m, by_words)) => {
-                        if gate.plain.met_by(m) || (!by_words && gate.worded.met_by(m)) {
-                            Known::Run
-                        } else if gate.worded.met_by(m) {
-                            Known::Words
-                        } else {
-                            Known::Skip
-                        }
-                    }
-                });
                 let index = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                for (plan, m) in simple.iter_mut().zip(Mask::SIMPLE) {
+                    match gate.known(always, &chain.passage, m) {
+                        Known::Skip => {}
+                        known => plan.push((index(list.len()), known)),
+                    }
+                }
                 list.push(Visit {
                     chain: index(i),
                     gate: index(gates.len()),
                     shortest: index(shortest),
                     check: !picks,
                     always,
-                    simple,
                 });
                 gates.push(gate);
             }
-            Visits::new(list)
+            let later = (0..list.len())
+                .map(|i| (u32::try_from(i).unwrap_or(u32::MAX), Known::Later))
+                .collect();
+            Visits {
+                all: list,
+                simple,
+                later,
+            }
         };
         let any = visits(None);
         let keys = keys.iter().map(|k| (k.clone(), visits(Some(k)))).collect();
@@ -489,6 +569,9 @@ pub struct Engine {
     /// Whether values skip the chains none of whose rules they can match (off only in the
     /// test that proves skipping changes no report).
     skipping: bool,
+    /// The fewest values a request has for its plans to be kept ([`PLANNED`]; none in that
+    /// test, so its every request keeps them).
+    planned: usize,
 }
 
 /// One rule that matched: where, on what, and what it adds.
@@ -738,6 +821,7 @@ impl Engine {
             worded,
             gates,
             skipping: true,
+            planned: PLANNED,
         })
     }
 
@@ -772,13 +856,17 @@ impl Engine {
         let mut found = Vec::new();
         let mut outs = Outs::new(&self.steps);
         let mut words = Words::default();
+        let mut plans = Plans::new(values.len() >= self.planned);
         for v in &values {
             outs.reset();
             words.fresh = false;
             let raw = Mask::of(&v.bytes);
-            let route = &self.by_collection[v.collection as usize];
-            for visit in route.visits(&v.key).of(raw) {
-                if self.skipping && !self.may_match(visit, raw, &v.bytes, &mut outs, &mut words) {
+            let visits = self.by_collection[v.collection as usize].visits(&v.key);
+            for &(i, known) in plans.of(self, visits, raw, v.bytes.len()) {
+                let visit = &visits.all[i as usize];
+                if self.skipping
+                    && !self.may_match(visit, known, raw, &v.bytes, &mut outs, &mut words)
+                {
                     continue;
                 }
                 let chain = &self.chains[visit.chain as usize];
@@ -815,12 +903,19 @@ impl Engine {
         hits.report
     }
 
-    /// Whether a value of mask `raw` may match a rule of the chain it visits: one whose byte
-    /// clauses the transformed value's mask meets and, when the value is judged by its words,
-    /// one of whose words it holds (`words`, found on first use).
+    /// What the gate of `visit` answers for a value of mask `raw`, by the mask alone.
+    fn known(&self, visit: &Visit, raw: Mask) -> Known {
+        let passage = &self.chains[visit.chain as usize].passage;
+        self.gates[visit.gate as usize].known(visit.always, passage, raw)
+    }
+
+    /// Whether a value (its gate's answer by its mask: `known`) may match a rule of the chain
+    /// it visits: one whose byte clauses the transformed value's mask meets and, when the value
+    /// is judged by its words, one of whose words it holds (`words`, found on first use).
     fn may_match(
         &self,
         visit: &Visit,
+        known: Known,
         raw: Mask,
         value: &[u8],
         outs: &mut Outs<'_>,
@@ -829,39 +924,35 @@ impl Engine {
         if value.len() < visit.shortest as usize {
             return false;
         }
-        if visit.always {
-            return true;
-        }
         let gate = &self.gates[visit.gate as usize];
-        if let Some(k) = raw.simple() {
-            match visit.simple[k] {
-                Known::Skip => return false,
-                Known::Run => return true,
-                Known::Words => return self.holds_word(gate, raw, value, words),
-                Known::Ask => {}
-            }
+        let known = match known {
+            Known::Later => self.known(visit, raw),
+            known => known,
+        };
+        match known {
+            Known::Skip => return false,
+            Known::Run => return true,
+            Known::Words(m) => return self.holds_word(gate, m, value, words),
+            Known::Ask | Known::Later => {}
         }
+        // A decoder's escape is there: the decoders run (their output is shared with the chain
+        // that follows), so what they wrote, if anything, is known exactly. Then the
+        // transformed value's bytes, and whether its words are all in the raw value.
         let chain = &self.chains[visit.chain as usize];
-        // The transformed value's bytes, and whether its words are all in the raw value. When
-        // a decoder's escape is there, the decoder runs (its output is shared with the chain
-        // that follows): what it wrote, if anything, is then known exactly.
-        let (m, by_words) = chain.passage.quick(raw).unwrap_or_else(|| {
-            let (mut m, mut by_words) = (raw, !raw.hides_words());
-            for (&t, &at) in chain.transforms.iter().zip(&chain.steps) {
-                if !m.writes_words(t) {
-                    m = m.after(t);
-                } else if t.decodes() {
-                    if let Some(out) = outs.changed(at, value) {
-                        m = Mask::of(out);
-                        by_words = false;
-                    }
-                } else {
-                    m = m.after(t);
+        let (mut m, mut by_words) = (raw, !raw.hides_words());
+        for (&t, &at) in chain.transforms.iter().zip(&chain.steps) {
+            if !m.writes_words(t) {
+                m = m.after(t);
+            } else if t.decodes() {
+                if let Some(out) = outs.changed(at, value) {
+                    m = Mask::of(out);
                     by_words = false;
                 }
+            } else {
+                m = m.after(t);
+                by_words = false;
             }
-            (m, by_words)
-        });
+        }
         if gate.plain.met_by(m) {
             return true;
         }
@@ -1252,6 +1343,20 @@ mod tests {
                     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
                         .to_string();
                 let json = serde_json::json!({ "q": s, "list": [s] }).to_string();
+                // Values of one mask, as many records of a JSON array have: the second makes
+                // the plan (from a value shorter than the rest) the others follow. The first
+                // two are `s` without its letters, the third `s` with its letters shifted.
+                let bare: String = s.chars().filter(|c| !c.is_ascii_alphabetic()).collect();
+                let shifted: String = s
+                    .chars()
+                    .map(|c| match c {
+                        'a'..='y' | 'A'..='Y' => char::from(c as u8 + 1),
+                        'z' => 'a',
+                        'Z' => 'A',
+                        c => c,
+                    })
+                    .collect();
+                let records = serde_json::json!([bare, bare, shifted, s]).to_string();
                 let base = vec![header("Host", b"h"), header("User-Agent", s.as_bytes())];
                 let cookie = header("Cookie", format!("c={s}").as_bytes());
                 cases.push(owned(
@@ -1262,6 +1367,7 @@ mod tests {
                 ));
                 for (ctype, body) in [
                     ("application/json", json.into_bytes()),
+                    ("application/json", records.into_bytes()),
                     (
                         "application/x-www-form-urlencoded",
                         format!("a={q}").into_bytes(),
@@ -1318,7 +1424,8 @@ mod tests {
                 paranoia,
                 ..Settings::default()
             };
-            let gated = Engine::new(&pack, settings.clone()).expect("engine");
+            let mut gated = Engine::new(&pack, settings.clone()).expect("engine");
+            gated.planned = 0;
             let mut full = Engine::new(&pack, settings).expect("engine");
             full.skipping = false;
             let mut matched = 0;

@@ -100,11 +100,6 @@ impl Mask {
     /// The masks of most names, ids and words: letters only, and letters with digits.
     pub const SIMPLE: [Mask; 2] = [Mask(0), Mask(DIGIT)];
 
-    /// Which of [`Mask::SIMPLE`] this is, if one.
-    pub fn simple(self) -> Option<usize> {
-        Mask::SIMPLE.iter().position(|&m| m == self)
-    }
-
     /// The significant bytes of `value`.
     pub fn of(value: &[u8]) -> Mask {
         Mask(value.iter().fold(0, |m, &b| m | BIT[b as usize]))
