@@ -5,6 +5,7 @@
 //! once and its rules run together: the regular expressions as one `RegexSet`, the phrases as
 //! one Aho-Corasick automaton, then the detectors and numeric checks.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
@@ -435,11 +436,12 @@ struct Step {
     transform: Transform,
 }
 
-/// A step's output for one value: unchanged from its input, or new bytes (a part of its input,
-/// as `trim` gives, is new bytes too), or what another step gave that applied the same
-/// transformation to the value itself.
+/// A step's output for one value: the value itself (no step on the way changed it), new
+/// bytes (a part of its input, as `trim` gives, is new bytes too), or the new bytes of another
+/// step (an ancestor, or a step of another chain that applied the same transformation to the
+/// value itself).
 enum Out {
-    Same,
+    Value,
     New(Vec<u8>),
     As(usize),
 }
@@ -451,6 +453,8 @@ struct Outs<'s> {
     outs: Vec<(u32, Out)>,
     /// The current value's number: an output of another is stale.
     current: u32,
+    /// The current value's mask: a transformation it says keeps the value is not run.
+    raw: Mask,
     /// Per transformation (`Transform as usize`), the step that applied it to the value itself,
     /// and for which value: steps of other chains that do the same reuse its output.
     on_value: [(u32, usize); Transform::ALL.len()],
@@ -460,22 +464,43 @@ impl<'s> Outs<'s> {
     fn new(steps: &'s [Step]) -> Self {
         Outs {
             steps,
-            outs: steps.iter().map(|_| (0, Out::Same)).collect(),
+            outs: steps.iter().map(|_| (0, Out::Value)).collect(),
             current: 0,
+            raw: Mask::default(),
             on_value: [(0, 0); Transform::ALL.len()],
         }
     }
 
-    /// On to the next value: every output is stale at once.
-    fn reset(&mut self) {
+    /// On to the next value, of mask `raw`: every output is stale at once.
+    fn reset(&mut self, raw: Mask) {
         self.current += 1;
+        self.raw = raw;
     }
 
     /// The bytes step `at` (or the value itself, for `None`) gives.
     fn get<'v>(&'v mut self, at: Option<usize>, value: &'v [u8]) -> &'v [u8] {
         let Some(at) = at else { return value };
         self.fill(at, value);
-        self.resolve(at, value)
+        match self.source(at) {
+            Some(k) => self.new_bytes(k),
+            None => value,
+        }
+    }
+
+    /// The step whose new bytes step `at` gives (none: the value itself), once filled.
+    fn source(&self, at: usize) -> Option<usize> {
+        match self.outs[at].1 {
+            Out::Value => None,
+            Out::New(_) => Some(at),
+            Out::As(k) => Some(k),
+        }
+    }
+
+    fn new_bytes(&self, at: usize) -> &[u8] {
+        match &self.outs[at].1 {
+            Out::New(v) => v,
+            Out::Value | Out::As(_) => &[],
+        }
     }
 
     fn fill(&mut self, at: usize, value: &[u8]) {
@@ -483,59 +508,42 @@ impl<'s> Outs<'s> {
             return;
         }
         let step = self.steps[at];
-        if let Some(p) = step.parent {
+        let from = step.parent.and_then(|p| {
             self.fill(p, value);
-        }
-        let input = self.resolve_opt(step.parent, value);
-        let on_value = std::ptr::eq(input, value);
+            self.source(p)
+        });
         let t = step.transform as usize;
-        if on_value && self.on_value[t].0 == self.current {
-            self.outs[at] = (self.current, Out::As(self.on_value[t].1));
-            return;
-        }
-        let out = match step.transform.apply(input) {
-            std::borrow::Cow::Borrowed(b) if b.len() == input.len() => Out::Same,
-            std::borrow::Cow::Borrowed(b) => Out::New(b.to_vec()),
-            std::borrow::Cow::Owned(v) => Out::New(v),
+        let out = match from {
+            None if self.raw.keeps(step.transform) => Out::Value,
+            None if self.on_value[t].0 == self.current => {
+                self.source(self.on_value[t].1).map_or(Out::Value, Out::As)
+            }
+            None => {
+                self.on_value[t] = (self.current, at);
+                match step.transform.apply(value) {
+                    Cow::Borrowed(b) if b.len() == value.len() => Out::Value,
+                    Cow::Borrowed(b) => Out::New(b.to_vec()),
+                    Cow::Owned(v) => Out::New(v),
+                }
+            }
+            Some(k) => {
+                let input = self.new_bytes(k);
+                match step.transform.apply(input) {
+                    Cow::Borrowed(b) if b.len() == input.len() => Out::As(k),
+                    Cow::Borrowed(b) => Out::New(b.to_vec()),
+                    Cow::Owned(v) => Out::New(v),
+                }
+            }
         };
         self.outs[at] = (self.current, out);
-        if on_value {
-            self.on_value[t] = (self.current, at);
-        }
     }
 
     /// What step `at` wrote, if it changed its input.
     fn changed<'v>(&'v mut self, at: usize, value: &[u8]) -> Option<&'v [u8]> {
         self.fill(at, value);
-        let at = match self.outs[at].1 {
-            Out::As(k) => k,
-            _ => at,
-        };
-        match &self.outs[at].1 {
-            Out::New(v) => Some(v),
-            Out::Same | Out::As(_) => None,
-        }
-    }
-
-    fn resolve_opt<'v>(&'v self, at: Option<usize>, value: &'v [u8]) -> &'v [u8] {
-        match at {
-            Some(at) => self.resolve(at, value),
-            None => value,
-        }
-    }
-
-    /// The bytes step `at` gives, once it and its parents are filled for the current value.
-    fn resolve<'v>(&'v self, mut at: usize, value: &'v [u8]) -> &'v [u8] {
-        loop {
-            match &self.outs[at] {
-                (n, Out::New(v)) if *n == self.current => return v,
-                (n, Out::As(k)) if *n == self.current => at = *k,
-                _ => match self.steps[at].parent {
-                    Some(p) => at = p,
-                    None => return value,
-                },
-            }
-        }
+        let mine = self.source(at)?;
+        let input = self.steps[at].parent.and_then(|p| self.source(p));
+        (input != Some(mine)).then(|| self.new_bytes(mine))
     }
 }
 
@@ -858,9 +866,9 @@ impl Engine {
         let mut words = Words::default();
         let mut plans = Plans::new(values.len() >= self.planned);
         for v in &values {
-            outs.reset();
-            words.fresh = false;
             let raw = Mask::of(&v.bytes);
+            outs.reset(raw);
+            words.fresh = false;
             let visits = self.by_collection[v.collection as usize].visits(&v.key);
             for &(i, known) in plans.of(self, visits, raw, v.bytes.len()) {
                 let visit = &visits.all[i as usize];

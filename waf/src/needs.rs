@@ -143,6 +143,26 @@ impl Mask {
         })
     }
 
+    /// Whether `t` leaves every value of this mask as it is: it holds none of the bytes `t`
+    /// acts on (a letter is one only to `lowercase` and `cmd_line`).
+    pub fn keeps(self, t: Transform) -> bool {
+        let white = SPACE | TAB | LF | CR | CONTROL | NON_ASCII;
+        let Mask(m) = self;
+        match t {
+            Transform::UrlDecode => m & of(b"%+") == 0,
+            Transform::HtmlEntityDecode => m & of(b"&") == 0,
+            Transform::JsDecode => m & of(b"\\") == 0,
+            Transform::RemoveNulls => m & NUL == 0,
+            Transform::RemoveComments => m & of(b"/-#") == 0,
+            Transform::NormalizePath => m & of(b"/\\") == 0,
+            Transform::CompressWhitespace | Transform::RemoveWhitespace | Transform::Trim => {
+                m & white == 0
+            }
+            Transform::Base64Decode => !self.may_be_base64(),
+            Transform::Lowercase | Transform::CmdLine => false,
+        }
+    }
+
     /// Whether a value of this mask may be base64 (its alphabets, white space at the ends):
     /// only such a value is decoded.
     fn may_be_base64(self) -> bool {
