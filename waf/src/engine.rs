@@ -1,9 +1,11 @@
 //! The compiled engine: a pack cut to one route's paranoia level and exclusions, with every
 //! rule grouped by its transformation chain. A value visits the chains that read its
 //! collection and key; a chain none of whose rules can match the value (its bytes and words,
-//! see [`crate::needs`]) is skipped with its transformations. Otherwise the chain is applied
-//! once and its rules run together: the regular expressions as one `RegexSet`, the phrases as
-//! one Aho-Corasick automaton, then the detectors and numeric checks.
+//! see [`crate::needs`]) is skipped with its transformations. What a value's mask alone
+//! decides is worked out once per mask in a request of many values (`Plans`). Otherwise the
+//! chain is applied once (a transformation the mask says keeps the value is not run) and its
+//! rules run together: the regular expressions as one `RegexSet`, the phrases as one
+//! Aho-Corasick automaton, then the detectors and numeric checks.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
