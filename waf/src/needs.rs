@@ -13,7 +13,7 @@
 
 use regex_syntax::hir::{Class, Hir, HirKind};
 
-use crate::rules::{Operator, Rule};
+use crate::rules::{Detector, Operator, Rule};
 use crate::transform::Transform;
 
 /// A set of significant bytes, one bit each (controls other than NUL, tab, CR and LF share one
@@ -367,7 +367,10 @@ impl Needs {
             Operator::Regex(p) => Needs::of_regex(p),
             Operator::Phrases { list, .. } => Needs::of_phrases(list),
             Operator::ByteRanges(ranges) => Needs::outside(ranges),
-            Operator::Detect(_) => Needs::default().at_least(1),
+            // The XSS detector answers only for a tag, a comment or a doctype (`<`) or an
+            // attribute's value (`=`): see `the_xss_detector_needs_a_tag_or_an_attribute`.
+            Operator::Detect(Detector::Xss) => Needs::default().and_any_of(b"<="),
+            Operator::Detect(Detector::Sqli) => Needs::default().at_least(1),
             Operator::LengthGt(n) => Needs::default().at_least(n + 1),
             // An empty value stands for the client's address.
             Operator::IpMatch(_) | Operator::Check(_) => Needs::default(),
@@ -785,6 +788,73 @@ mod tests {
         assert!(met(&n, bytes("a\0b")) && !met(&n, bytes("a\tb")));
         assert!(met(&Needs::outside(&[[32, 126]]), bytes("\t")));
         assert!(Needs::outside(&[[b'b', 255]]).is_nothing());
+    }
+
+    /// libinjection's XSS verdict comes from a tag, comment or doctype token (each opened by
+    /// `<`) or from an attribute's value (after `=`): values dense in the rest of what its
+    /// HTML5 tokenizer reads (quotes, event-handler names, URLs, `/`, `>`, entities) never
+    /// have it, and the same values with a `=` or a `<` added mostly do.
+    #[test]
+    fn the_xss_detector_needs_a_tag_or_an_attribute() {
+        let pieces = [
+            " ",
+            "'",
+            "\"",
+            "`",
+            "/",
+            ">",
+            "!",
+            "-",
+            "?",
+            "&",
+            "#",
+            ";",
+            ":",
+            "(",
+            ")",
+            "onerror",
+            "onload",
+            "style",
+            "src",
+            "href",
+            "javascript",
+            "vbscript",
+            "data",
+            "script",
+            "svg",
+            "xss",
+            "alert(1)",
+            "expression",
+            "import",
+            "entity",
+            "[if",
+            "xml",
+            "\t",
+            "\n",
+            "\0",
+            "\u{a0}",
+            "x",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut flagged_with = 0;
+        for _ in 0..20_000 {
+            let input: String = (0..1 + next(10))
+                .map(|_| pieces[next(pieces.len())])
+                .collect();
+            assert!(
+                !libinjectionrs::detect_xss(input.as_bytes()).is_injection(),
+                "{input:?} is XSS without < or ="
+            );
+            let with = format!("x onerror={input}");
+            flagged_with += usize::from(libinjectionrs::detect_xss(with.as_bytes()).is_injection());
+        }
+        assert!(flagged_with > 10_000, "{flagged_with}");
     }
 
     #[test]
