@@ -17,6 +17,18 @@ pub mod rules;
 pub mod selftest;
 pub mod transform;
 
+/// Random draws for the tests that run inputs made of random pieces: a xorshift generator,
+/// the same sequence every run; `draw(n)` is below `n`.
+#[cfg(test)]
+fn draws(mut seed: u64) -> impl FnMut(usize) -> usize {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    }
+}
+
 pub use engine::{Engine, Exclusion, Limits, Match, Report, Settings, SettingsError};
 pub use request::{Collection, Request};
 pub use rules::{Category, Pack, PackError, Rule};

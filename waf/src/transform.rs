@@ -572,13 +572,7 @@ mod tests {
         .chain((b'a'..=b'z').flat_map(|c| named(c).iter().map(|(n, _)| [b"&", *n].concat())))
         .chain([vec![0xa0], vec![0xff], vec![0xc2, 0xa0]])
         .collect();
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = crate::draws(0x9e37_79b9_7f4a_7c15u64);
         let mut seen = 0;
         for _ in 0..20_000 {
             let mut input = Vec::new();
