@@ -161,6 +161,11 @@ impl Gate {
     }
 }
 
+/// `n` as a visit's or plan's index (the engine's tables are far smaller than `u32::MAX`).
+fn index(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// A plan: the visits (by index into their list) a value of one mask makes, but for those its
 /// gates skip, with the gates' answers.
 type Plan = [(u32, Known)];
@@ -231,8 +236,7 @@ impl Plans {
                 engine.known(visit, raw)
             };
             if known != Known::Skip {
-                self.steps
-                    .push((u32::try_from(i).unwrap_or(u32::MAX), known));
+                self.steps.push((index(i), known));
             }
         }
         self.made[at].2 = Some(start..self.steps.len());
@@ -376,7 +380,6 @@ impl Route {
                         }
                     }
                 }
-                let index = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
                 for (plan, m) in simple.iter_mut().zip(Mask::SIMPLE) {
                     match gate.known(always, &chain.passage, m) {
                         Known::Skip => {}
@@ -392,9 +395,7 @@ impl Route {
                 });
                 gates.push(gate);
             }
-            let later = (0..list.len())
-                .map(|i| (u32::try_from(i).unwrap_or(u32::MAX), Known::Later))
-                .collect();
+            let later = (0..list.len()).map(|i| (index(i), Known::Later)).collect();
             Visits {
                 all: list,
                 simple,
